@@ -1,0 +1,201 @@
+"""Keypoint matching on dense feature maps: frames, descriptor sampling, cosine correlation and the
+localisers (nearest neighbour, soft-argmax and the Kernel-Softmax of Lee et al. used by SD4Match).
+
+Frames (docs/ARCHITECTURE.md): points live in the squashed ``S x S`` image frame (``S = image_size``);
+feature grids have ``s`` cells per side and image <-> grid is the align-corners map ``x * (s - 1) / (S - 1)``.
+Grid coordinates are ``(x, y)`` = (column, row) in cell units.
+
+Batching: ``sample_descriptors``, ``correlation`` and ``match_keypoints`` take a batch dimension ``B`` and the
+same number ``K`` of keypoints for every item (no padding mask): callers match one pair at a time or batch
+pairs with equal ``K``. The localisers accept any leading dimensions.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MATCHING_METHODS: tuple[str, ...] = ("nn", "soft_argmax", "kernel_softmax")
+
+ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
+Points = torch.Tensor | np.ndarray | list
+
+
+def _check_sizes(image_size: int, grid_size: int) -> None:
+    """Reject sizes for which the align-corners map is undefined (a side of one pixel/cell)."""
+    if image_size < 2 or grid_size < 2:
+        raise ValueError(
+            f"image_size and grid_size must be >= 2, got image_size={image_size}, grid_size={grid_size}"
+        )
+
+
+def image_to_grid(xy: ArrayT, image_size: int, grid_size: int) -> ArrayT:
+    """Map ``S x S`` image-frame points to feature-grid cells, ``x * (s - 1) / (S - 1)`` (align corners)."""
+    _check_sizes(image_size, grid_size)
+    return xy * ((grid_size - 1) / (image_size - 1))
+
+
+def grid_to_image(xy: ArrayT, grid_size: int, image_size: int) -> ArrayT:
+    """Map feature-grid cells back to the ``S x S`` image frame, the inverse of ``image_to_grid``."""
+    _check_sizes(image_size, grid_size)
+    return xy * ((image_size - 1) / (grid_size - 1))
+
+
+def _as_float_array(values: Points, last_dim: int, name: str) -> torch.Tensor | np.ndarray:
+    """Return a float tensor (tensors stay tensors) or float64 array whose last axis has ``last_dim``."""
+    if isinstance(values, torch.Tensor):
+        arr = values if values.is_floating_point() else values.to(torch.float32)
+    else:
+        arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 0 or arr.shape[-1] != last_dim:
+        raise ValueError(f"{name}: expected shape (..., {last_dim}), got {tuple(arr.shape)}")
+    return arr
+
+
+def _scale_like(arr: torch.Tensor | np.ndarray, factors: list[float]) -> torch.Tensor | np.ndarray:
+    """Multiply the last axis of ``arr`` by ``factors``, keeping the array type, dtype and device."""
+    if isinstance(arr, torch.Tensor):
+        return arr * torch.tensor(factors, dtype=arr.dtype, device=arr.device)
+    return arr * np.asarray(factors, dtype=arr.dtype)
+
+
+def _check_image_dims(width: float, height: float, image_size: int) -> None:
+    """Reject non-positive image sizes, which would make the squash factors meaningless."""
+    if width <= 0 or height <= 0 or image_size <= 0:
+        raise ValueError(
+            f"image sizes must be positive, got width={width}, height={height}, image_size={image_size}"
+        )
+
+
+def to_squashed_frame(kps: Points, width: float, height: float, image_size: int) -> torch.Tensor | np.ndarray:
+    """Scale ``(..., 2)`` keypoints of a ``W x H`` image to the squashed ``S x S`` frame, clamped to [0, S-1].
+
+    Tensors stay tensors; anything else becomes a float64 numpy array.
+    """
+    _check_image_dims(width, height, image_size)
+    arr = _as_float_array(kps, 2, "kps")
+    scaled = _scale_like(arr, [image_size / width, image_size / height])
+    return scaled.clip(0, image_size - 1)
+
+
+def bbox_to_squashed_frame(
+    bbox: Points, width: float, height: float, image_size: int
+) -> torch.Tensor | np.ndarray:
+    """Scale ``(..., 4)`` boxes ``[x1, y1, x2, y2]`` of a ``W x H`` image to the squashed frame (no clamp)."""
+    _check_image_dims(width, height, image_size)
+    arr = _as_float_array(bbox, 4, "bbox")
+    sx, sy = image_size / width, image_size / height
+    return _scale_like(arr, [sx, sy, sx, sy])
+
+
+def sample_descriptors(feat: torch.Tensor, kps_img: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Bilinearly sample ``(B, C, h, w)`` features at ``(B, K, 2)`` S-frame keypoints -> L2-normalised
+    ``(B, K, C)``; ``grid_sample`` with align_corners=True after ``x_norm = 2 x / (S - 1) - 1``.
+    """
+    if feat.ndim != 4 or kps_img.ndim != 3 or kps_img.shape[-1] != 2 or kps_img.shape[0] != feat.shape[0]:
+        raise ValueError(
+            f"sample_descriptors: expected feat (B, C, h, w) and kps (B, K, 2), "
+            f"got {tuple(feat.shape)} and {tuple(kps_img.shape)}"
+        )
+    if image_size < 2:
+        raise ValueError(f"sample_descriptors: image_size must be >= 2, got {image_size}")
+    norm = kps_img.to(feat.dtype) * (2.0 / (image_size - 1)) - 1.0
+    sampled = F.grid_sample(
+        feat, norm[:, :, None, :], mode="bilinear", padding_mode="border", align_corners=True
+    )
+    return F.normalize(sampled[..., 0].transpose(1, 2), dim=-1)
+
+
+def correlation(desc: torch.Tensor, trg_feat: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of ``(B, K, C)`` descriptors with each ``(B, C, h, w)`` cell -> ``(B, K, h, w)``."""
+    if (
+        desc.ndim != 3
+        or trg_feat.ndim != 4
+        or desc.shape[0] != trg_feat.shape[0]
+        or desc.shape[2] != trg_feat.shape[1]
+    ):
+        raise ValueError(
+            f"correlation: expected desc (B, K, C) and trg_feat (B, C, h, w), "
+            f"got {tuple(desc.shape)} and {tuple(trg_feat.shape)}"
+        )
+    return torch.einsum("bkc,bchw->bkhw", F.normalize(desc, dim=-1), F.normalize(trg_feat, dim=1))
+
+
+def _grid_coords(corr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened column (x) and row (y) coordinates of the cells of ``corr``'s last two axes."""
+    h, w = corr.shape[-2:]
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=corr.dtype, device=corr.device),
+        torch.arange(w, dtype=corr.dtype, device=corr.device),
+        indexing="ij",
+    )
+    return xs.reshape(-1), ys.reshape(-1)
+
+
+def nearest_neighbour(corr: torch.Tensor) -> torch.Tensor:
+    """Grid ``(x, y)`` of the argmax of each ``(..., h, w)`` correlation map -> ``(..., 2)`` float."""
+    if corr.ndim < 2:
+        raise ValueError(f"nearest_neighbour: expected (..., h, w), got {tuple(corr.shape)}")
+    w = corr.shape[-1]
+    idx = corr.flatten(-2).argmax(dim=-1)
+    dtype = corr.dtype if corr.is_floating_point() else torch.float32
+    return torch.stack([idx % w, idx // w], dim=-1).to(dtype)
+
+
+def soft_argmax(corr: torch.Tensor, temperature: float = 0.04) -> torch.Tensor:
+    """Expected grid ``(x, y)`` under ``softmax(corr / T)`` over each ``(..., h, w)`` map (max subtracted)."""
+    if corr.ndim < 2:
+        raise ValueError(f"soft_argmax: expected (..., h, w), got {tuple(corr.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"soft_argmax: temperature must be > 0, got {temperature}")
+    flat = corr.flatten(-2)
+    prob = torch.softmax((flat - flat.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    xs, ys = _grid_coords(corr)
+    return torch.stack([(prob * xs).sum(dim=-1), (prob * ys).sum(dim=-1)], dim=-1)
+
+
+def kernel_soft_argmax(corr: torch.Tensor, sigma: float = 7.0, temperature: float = 0.04) -> torch.Tensor:
+    """Kernel-Softmax (Lee et al., SFNet): multiply each map by a Gaussian (``sigma`` cells) centred on its
+    argmax, then soft-argmax with temperature ``T``; suppresses far-away secondary peaks."""
+    if sigma <= 0:
+        raise ValueError(f"kernel_soft_argmax: sigma must be > 0, got {sigma}")
+    peak = nearest_neighbour(corr)
+    xs, ys = _grid_coords(corr)
+    sq_dist = (xs - peak[..., :1]) ** 2 + (ys - peak[..., 1:]) ** 2
+    gauss = torch.exp(-sq_dist / (2.0 * sigma**2)).reshape(corr.shape)
+    return soft_argmax(corr * gauss, temperature)
+
+
+def match_keypoints(
+    src_feat: torch.Tensor,
+    trg_feat: torch.Tensor,
+    src_kps_img: torch.Tensor,
+    image_size: int,
+    method: str,
+    *,
+    temperature: float = 0.04,
+    sigma: float = 7.0,
+) -> torch.Tensor:
+    """Predict target points ``(B, K, 2)`` in the S frame for ``(B, K, 2)`` S-frame source keypoints.
+
+    ``method`` is one of ``MATCHING_METHODS``; ``temperature``/``sigma`` apply to the soft localisers.
+    Feature maps must be square (the images are squashed to ``S x S``).
+    """
+    if method not in MATCHING_METHODS:
+        raise ValueError(f"match_keypoints: unknown method {method!r}; expected one of {MATCHING_METHODS}")
+    h, w = trg_feat.shape[-2:]
+    if h != w:
+        raise ValueError(f"match_keypoints: target feature map must be square, got {h}x{w}")
+    corr = correlation(sample_descriptors(src_feat, src_kps_img, image_size), trg_feat)
+    if corr.dtype in (torch.float16, torch.bfloat16):
+        corr = corr.float()  # softmax at T = 0.04 needs more range/precision than half floats give
+    if method == "nn":
+        grid_xy = nearest_neighbour(corr)
+    elif method == "soft_argmax":
+        grid_xy = soft_argmax(corr, temperature)
+    else:
+        grid_xy = kernel_soft_argmax(corr, sigma, temperature)
+    return grid_to_image(grid_xy, w, image_size)
