@@ -49,7 +49,8 @@ def _check_cross_fields(config: Mapping[str, Any], source: str) -> None:
         )
     if config["models"][model]["kind"] != "stable_diffusion":
         raise ConfigError(
-            f"invalid configuration in {source}: key 'zero_shot.dift.model' must name a stable_diffusion model"
+            f"invalid configuration in {source}: "
+            "key 'zero_shot.dift.model' must name a stable_diffusion model"
         )
     if config["matching"]["reported"] not in config["matching"]["methods"]:
         raise ConfigError(

@@ -20,7 +20,11 @@ EXPECTED_LAYOUT: dict[str, list[str]] = {
     "pfwillow": ["PF-dataset"],
 }
 # The folder inside an extracted archive that is (or contains) the root.
-ARCHIVE_TOP: dict[str, str] = {"spair": "SPair-71k", "pfpascal": "PF-dataset-PASCAL", "pfwillow": "PF-dataset"}
+ARCHIVE_TOP: dict[str, str] = {
+    "spair": "SPair-71k",
+    "pfpascal": "PF-dataset-PASCAL",
+    "pfwillow": "PF-dataset",
+}
 PAIR_LIST_NAMES: dict[str, list[str]] = {
     "trn": ["trn_pairs.csv", "train_pairs.csv"],
     "val": ["val_pairs.csv"],
@@ -80,7 +84,9 @@ def _download_extract(url: str, sha256: str | None, downloads: Path, dest: Path)
     return {"url": url, "file": str(archive), "sha256": digest}
 
 
-def acquire_dataset(dataset: str, cfg: dict[str, Any], data_dir: str | Path, downloads: str | Path) -> DatasetLocation:
+def acquire_dataset(
+    dataset: str, cfg: dict[str, Any], data_dir: str | Path, downloads: str | Path
+) -> DatasetLocation:
     """Download + extract (or link the configured local copy of) ``dataset``; return where it lives."""
     data_dir, downloads = Path(data_dir), Path(downloads)
     splits = ["trn", "val", "test"] if dataset == "pfpascal" else ["test"]
@@ -94,7 +100,9 @@ def acquire_dataset(dataset: str, cfg: dict[str, Any], data_dir: str | Path, dow
     _check_layout(dataset, root)
     pairs: dict[str, str] = {}
     if dataset == "pfpascal":
-        sources.append(_download_extract(cfg["pairs_url"], cfg.get("pairs_sha256"), downloads, data_dir / "pairs"))
+        sources.append(
+            _download_extract(cfg["pairs_url"], cfg.get("pairs_sha256"), downloads, data_dir / "pairs")
+        )
         pairs = _find_pair_lists(data_dir / "pairs", splits)
     elif dataset == "pfwillow":
         csv = data_dir / "test_pairs.csv"

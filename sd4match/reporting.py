@@ -302,7 +302,8 @@ def protocol_description(image_size: int) -> str:
     """One line naming the frame of the PCK protocol (the paper uses S = 768)."""
     note = "as in the paper" if image_size == 768 else "the paper uses 768"
     return (
-        f"keypoints and boxes rescaled anisotropically to the squashed {image_size}×{image_size} frame ({note}), "
+        f"keypoints and boxes rescaled anisotropically to the squashed {image_size}×{image_size} frame "
+        f"({note}), "
         "then clamped inside the image"
     )
 

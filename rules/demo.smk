@@ -1,0 +1,33 @@
+"""The offline demo world: synthetic datasets in the official layouts and tiny models of the real classes."""
+
+DEMO_ARCHIVES = f"{RES}/demo_archives"
+
+
+rule demo_datasets:
+    output:
+        spair=f"{DEMO_ARCHIVES}/SPair-71k.tar.gz",
+        pfpascal_images=f"{DEMO_ARCHIVES}/PF-dataset-PASCAL.zip",
+        pfpascal_pairs=f"{DEMO_ARCHIVES}/pf-pascal_image_pairs.zip",
+        pfwillow_images=f"{DEMO_ARCHIVES}/PF-dataset.zip",
+        pfwillow_pairs=f"{DEMO_ARCHIVES}/test_pairs.csv",
+    log:
+        "logs/demo/demo_datasets.log",
+    conda:
+        CONDA_ENV
+    params:
+        seed=config.get("demo_world", {}).get("seed", 0),
+    script:
+        "../workflow_scripts/demo_datasets.py"
+
+
+rule tiny_model:
+    output:
+        directory(tiny_model_dir("{model}")),
+    log:
+        "logs/demo/tiny_model_{model}.log",
+    conda:
+        CONDA_ENV
+    params:
+        seed=config.get("demo_world", {}).get("seed", 0),
+    script:
+        "../workflow_scripts/tiny_model.py"

@@ -1,0 +1,192 @@
+"""Evaluate a feature extractor on a pairs table: match every source keypoint, score PCK per pair."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from sd4match.data_sources import read_location
+from sd4match.datasets import load_image, read_pairs_table
+from sd4match.io import write_table_atomic
+from sd4match.matching import bbox_to_squashed_frame, match_keypoints, to_squashed_frame
+from sd4match.metrics import PairScore, pck, pck_threshold, per_pair_frame, summarise
+from sd4match.models import load_stable_diffusion, read_model_record
+from sd4match.prompts import TextPrompt, encode_sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageKey:
+    """One distinct input image: its path (relative to the dataset root), flip flag and category."""
+
+    path: str
+    flip: bool
+    category: str
+
+
+FeatureFn = Callable[[Sequence[ImageKey]], torch.Tensor]
+"""Maps image keys to L2-normalised feature maps (B, C, s, s)."""
+
+
+@dataclass(frozen=True)
+class MatchingSettings:
+    """How predictions are made and scored (protocol.md "Matching at test time" and "Evaluation protocol")."""
+
+    image_size: int
+    methods: tuple[str, ...]
+    alphas: tuple[float, ...]
+    kernel_sigma: float = 7.0
+    temperature: float = 0.04
+
+
+def _pair_keys(row: Any) -> tuple[ImageKey, ImageKey]:
+    flip = bool(row.flip)
+    return ImageKey(row.src_image, flip, row.category), ImageKey(row.trg_image, flip, row.category)
+
+
+def score_pair(
+    row: Any, src_feat: torch.Tensor, trg_feat: torch.Tensor, settings: MatchingSettings
+) -> list[PairScore]:
+    """Predict the target keypoints of one pair with every matching method and score them."""
+    size = settings.image_size
+    src = to_squashed_frame(
+        torch.tensor(row.src_kps, dtype=torch.float32), row.src_width, row.src_height, size
+    )
+    trg = to_squashed_frame(
+        torch.tensor(row.trg_kps, dtype=torch.float32), row.trg_width, row.trg_height, size
+    )
+    bbox = None
+    if row.trg_bbox is not None:
+        bbox = bbox_to_squashed_frame(
+            torch.tensor(row.trg_bbox, dtype=torch.float32), row.trg_width, row.trg_height, size
+        )
+    threshold = pck_threshold(row.threshold_kind, trg_bbox=bbox, trg_kps=trg, image_size=size)
+    scores = []
+    for method in settings.methods:
+        kwargs = {"temperature": settings.temperature}
+        if method == "kernel_softmax":
+            kwargs["sigma"] = settings.kernel_sigma
+        elif method == "nn":
+            kwargs = {}
+        pred = match_keypoints(
+            src_feat[None].float(), trg_feat[None].float(), src[None], size, method, **kwargs
+        )[0]
+        correct = pck(pred, trg, threshold, settings.alphas)
+        for alpha in settings.alphas:
+            scores.append(
+                PairScore(
+                    row.pair_id, row.category, method, alpha, len(src), int(correct[alpha]), float(threshold)
+                )
+            )
+    return scores
+
+
+def evaluate_pairs(pairs: pd.DataFrame, features_for: FeatureFn, settings: MatchingSettings) -> pd.DataFrame:
+    """Score every pair; features are computed once per distinct image within a category and reused."""
+    scores: list[PairScore] = []
+    with tqdm(total=len(pairs), desc="pairs", unit="pair") as bar:
+        for _, group in pairs.groupby("category", sort=False):
+            keys = sorted({k for row in group.itertuples() for k in _pair_keys(row)}, key=str)
+            feats = dict(zip(keys, features_for(keys), strict=True))
+            for row in group.itertuples():
+                src_key, trg_key = _pair_keys(row)
+                scores.extend(score_pair(row, feats[src_key], feats[trg_key], settings))
+                bar.update(1)
+    return per_pair_frame(scores)
+
+
+def image_seed(seed: int, key: ImageKey) -> int:
+    """Per-image noise seed: results do not depend on batching or evaluation order."""
+    return (seed * 1_000_003 + zlib.crc32(f"{key.path}|{int(key.flip)}".encode())) % (2**63)
+
+
+def sd_text_prompt_features(
+    featurizer: Any,
+    prompt: TextPrompt,
+    root: str | Path,
+    image_size: int,
+    timestep: int,
+    ensemble: int,
+    seed: int,
+) -> FeatureFn:
+    """A FeatureFn computing SD features (DIFT-style) with a text prompt filled with each image's category."""
+
+    def features_for(keys: Sequence[ImageKey]) -> torch.Tensor:
+        out = []
+        for key in keys:
+            image = load_image(root, key.path, flip=key.flip)
+            pixels = featurizer.preprocess([image], image_size)
+            with torch.no_grad():
+                hidden = encode_sequence(
+                    featurizer.text_encoder, prompt.embeddings([key.category]).to(featurizer.device)
+                )
+                generator = torch.Generator(device="cpu").manual_seed(image_seed(seed, key))
+                out.append(featurizer(pixels, hidden, timestep, ensemble, generator)[0].cpu())
+        return torch.stack(out)
+
+    return features_for
+
+
+def limit_pairs(pairs: pd.DataFrame, max_pairs: int | None) -> pd.DataFrame:
+    """The first ``max_pairs`` pairs (all when None), for quick partial evaluations."""
+    return pairs if max_pairs is None else pairs.head(max_pairs)
+
+
+def run_zero_shot_dift(
+    pairs_path: str | Path,
+    location_path: str | Path,
+    model_record_path: str | Path,
+    dift: dict[str, Any],
+    features: dict[str, Any],
+    matching: dict[str, Any],
+    evaluation: dict[str, Any],
+    image_size: int,
+    seed: int,
+    device: str,
+    per_pair_out: str | Path,
+    summary_out: str | Path,
+) -> pd.DataFrame:
+    """Zero-shot DIFT on one test set: SD features with a text prompt, every matching method, PCK per pair."""
+    from sd4match.features import SDFeaturizer
+
+    pairs = limit_pairs(read_pairs_table(pairs_path), evaluation.get("max_pairs"))
+    location = read_location(location_path)
+    record = read_model_record(model_record_path)
+    components = load_stable_diffusion(record.local_path, device=device)
+    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[features["precision"]]
+    featurizer = SDFeaturizer(
+        components,
+        up_block_index=features["up_block_index"],
+        device=device,
+        autocast_dtype=autocast if device.startswith("cuda") else None,
+        max_batch=features["max_unet_batch"],
+    )
+    prompt = TextPrompt(dift["prompt"], components.text_encoder, components.tokenizer)
+    settings = MatchingSettings(
+        image_size=image_size,
+        methods=tuple(matching["methods"]),
+        alphas=tuple(evaluation["alphas"]),
+        kernel_sigma=matching["kernel_sigma"],
+        temperature=matching["softmax_temperature"],
+    )
+    log.info(
+        "DIFT on %s: %d pairs, model %s @ %s", pairs_path, len(pairs), record.id, record.revision_resolved
+    )
+    features_for = sd_text_prompt_features(
+        featurizer, prompt, location.root, image_size, dift["timestep"], dift["ensemble"], seed
+    )
+    per_pair = evaluate_pairs(pairs, features_for, settings)
+    log.info("UNet passes: %d", featurizer.unet_passes)
+    write_table_atomic(per_pair, per_pair_out)
+    summary = summarise(per_pair)
+    write_table_atomic(summary, summary_out)
+    return summary

@@ -1,0 +1,39 @@
+"""Where a number came from: code version, config hash and the model revisions actually used."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import sd4match
+from sd4match.models import read_model_record
+
+
+def code_version() -> str:
+    """Package version plus the git commit ('+dirty' if uncommitted changes) from a checkout."""
+    repo = Path(sd4match.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty=+dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"sd4match {sd4match.__version__}" + (f" ({commit})" if commit else "")
+
+
+def model_revisions(record_paths: list[str | Path]) -> dict[str, dict[str, Any]]:
+    """Summarise model records for provenance: id, requested and resolved revision per model name."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in record_paths:
+        rec = read_model_record(path)
+        out[rec.name] = {
+            "id": rec.id,
+            "revision_requested": rec.revision_requested,
+            "revision_resolved": rec.revision_resolved,
+        }
+    return out
