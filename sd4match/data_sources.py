@@ -105,7 +105,7 @@ def acquire_dataset(
         )
         pairs = _find_pair_lists(data_dir / "pairs", splits)
     elif dataset == "pfwillow":
-        csv = data_dir / "test_pairs.csv"
+        csv = root / "test_pairs.csv"  # beside PF-dataset/, the same layout as a local copy
         digest = download(cfg["pairs_url"], csv, sha256=cfg.get("pairs_sha256"))
         sources.append({"url": cfg["pairs_url"], "file": str(csv), "sha256": digest})
         pairs = {"test": str(csv)}

@@ -53,11 +53,8 @@ def _pair_keys(row: Any) -> tuple[ImageKey, ImageKey]:
     return ImageKey(row.src_image, flip, row.category), ImageKey(row.trg_image, flip, row.category)
 
 
-def score_pair(
-    row: Any, src_feat: torch.Tensor, trg_feat: torch.Tensor, settings: MatchingSettings
-) -> list[PairScore]:
-    """Predict the target keypoints of one pair with every matching method and score them."""
-    size = settings.image_size
+def _squashed_targets(row: Any, size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Source and target keypoints in the S x S frame and the pair's PCK threshold there."""
     src = to_squashed_frame(
         torch.tensor(row.src_kps, dtype=torch.float32), row.src_width, row.src_height, size
     )
@@ -69,25 +66,49 @@ def score_pair(
         bbox = bbox_to_squashed_frame(
             torch.tensor(row.trg_bbox, dtype=torch.float32), row.trg_width, row.trg_height, size
         )
-    threshold = pck_threshold(row.threshold_kind, trg_bbox=bbox, trg_kps=trg, image_size=size)
+    return src, trg, pck_threshold(row.threshold_kind, trg_bbox=bbox, trg_kps=trg, image_size=size)
+
+
+def score_predictions(
+    row: Any, predictions: dict[str, torch.Tensor], settings: MatchingSettings
+) -> list[PairScore]:
+    """PCK of predicted target keypoints (S frame, one (K, 2) tensor per matching method) for one pair."""
+    _, trg, threshold = _squashed_targets(row, settings.image_size)
     scores = []
+    for method, pred in predictions.items():
+        correct = pck(pred, trg, threshold, settings.alphas)
+        scores.extend(
+            PairScore(
+                row.pair_id, row.category, method, alpha, len(trg), int(correct[alpha]), float(threshold)
+            )
+            for alpha in settings.alphas
+        )
+    return scores
+
+
+def predict_pair(
+    row: Any, src_feat: torch.Tensor, trg_feat: torch.Tensor, settings: MatchingSettings
+) -> dict[str, torch.Tensor]:
+    """Predicted target keypoints (S frame) of one pair for every matching method."""
+    src, _, _ = _squashed_targets(row, settings.image_size)
+    predictions = {}
     for method in settings.methods:
-        kwargs = {"temperature": settings.temperature}
+        kwargs: dict[str, float] = {}
+        if method != "nn":
+            kwargs["temperature"] = settings.temperature
         if method == "kernel_softmax":
             kwargs["sigma"] = settings.kernel_sigma
-        elif method == "nn":
-            kwargs = {}
-        pred = match_keypoints(
-            src_feat[None].float(), trg_feat[None].float(), src[None], size, method, **kwargs
+        predictions[method] = match_keypoints(
+            src_feat[None].float(), trg_feat[None].float(), src[None], settings.image_size, method, **kwargs
         )[0]
-        correct = pck(pred, trg, threshold, settings.alphas)
-        for alpha in settings.alphas:
-            scores.append(
-                PairScore(
-                    row.pair_id, row.category, method, alpha, len(src), int(correct[alpha]), float(threshold)
-                )
-            )
-    return scores
+    return predictions
+
+
+def score_pair(
+    row: Any, src_feat: torch.Tensor, trg_feat: torch.Tensor, settings: MatchingSettings
+) -> list[PairScore]:
+    """Predict the target keypoints of one pair with every matching method and score them."""
+    return score_predictions(row, predict_pair(row, src_feat, trg_feat, settings), settings)
 
 
 def evaluate_pairs(pairs: pd.DataFrame, features_for: FeatureFn, settings: MatchingSettings) -> pd.DataFrame:

@@ -30,6 +30,7 @@ MATCHING_METHODS = ("nn", "soft_argmax", "kernel_softmax")
 SUMMARY_COLUMNS = ("category", "method", "alpha", "n_pairs", "n_kps", "pck_per_image", "pck_per_keypoint")
 ALL_CATEGORY = "All"
 PCK_VARIANT = "per image"
+PCK_VARIANTS = {"pck_per_image": "per image", "pck_per_keypoint": "per keypoint"}
 LABEL_COLUMNS = ("method", "source", "pck")
 
 DEMO_WARNING = "**DEMO RUN — tiny random models on synthetic data; numbers are NOT comparable to the paper**"
@@ -159,13 +160,22 @@ def _check_summary(summary: pd.DataFrame, where: str) -> None:
         raise ValueError(f"summary {where}: missing columns {missing} (expected {list(SUMMARY_COLUMNS)})")
 
 
-def summary_pck(summary: pd.DataFrame, category: str, matching: str, alpha: float, where: str) -> float:
-    """Our PCK per image for one (category, matching, alpha) cell of a summary; raise if absent/repeated."""
+def summary_pck(
+    summary: pd.DataFrame,
+    category: str,
+    matching: str,
+    alpha: float,
+    where: str,
+    column: str = "pck_per_image",
+) -> float:
+    """Our PCK (per image by default, or ``pck_per_keypoint``) for one (category, matching, alpha) cell."""
     _check_summary(summary, where)
     if matching not in MATCHING_METHODS:
         raise ValueError(
             f"summary {where}: unknown matching method {matching!r}; expected one of {MATCHING_METHODS}"
         )
+    if column not in ("pck_per_image", "pck_per_keypoint"):
+        raise ValueError(f"summary {where}: unknown PCK column {column!r}")
     selected = summary[
         (summary["category"] == category)
         & (summary["method"] == matching)
@@ -176,7 +186,7 @@ def summary_pck(summary: pd.DataFrame, category: str, matching: str, alpha: floa
             f"summary {where}: expected exactly one row for category={category!r}, method={matching!r}, "
             f"alpha={alpha:g}; found {len(selected)}"
         )
-    return float(selected["pck_per_image"].iloc[0])
+    return float(selected[column].iloc[0])
 
 
 def _column_name(dataset: str, alpha: float) -> str:
@@ -203,10 +213,13 @@ def zero_shot_table(
     matching: str = "kernel_softmax",
     paper_row: str | None = "DIFT",
     paper_trained_on: str | None = None,
+    per_keypoint: bool = False,
+    other_matchings: tuple[str, ...] = (),
 ) -> pd.DataFrame:
     """Table 3 layout: rows ours / paper / delta on PF-Pascal, PF-Willow, SPair-71k @ 0.05/0.1/0.15.
 
     ``summaries`` maps "pfpascal", "pfwillow", "spair" to a summary frame; ``paper_row=None`` gives ours only.
+    ``per_keypoint`` adds our per-keypoint row; ``other_matchings`` adds our rows for other matching methods.
     """
     unknown = sorted(set(summaries) - set(DATASET_NAMES))
     if unknown:
@@ -215,12 +228,7 @@ def zero_shot_table(
         if dataset not in summaries:
             raise ValueError(f"zero_shot_table: missing summary for dataset {dataset!r}")
     columns = table3_columns()
-    ours: dict[str, Any] = {"method": f"{method_label} ({matching})", "source": "ours", "pck": PCK_VARIANT}
-    for dataset in DATASET_NAMES:
-        for alpha in TABLE3_ALPHAS:
-            ours[_column_name(dataset, alpha)] = summary_pck(
-                summaries[dataset], ALL_CATEGORY, matching, alpha, where=dataset
-            )
+    ours = _ours_table3_row(summaries, f"{method_label} ({matching})", matching, "pck_per_image")
     rows = [ours]
     if paper_row is not None:
         quoted = paper_table3_row(paper_row, paper_trained_on)
@@ -229,7 +237,22 @@ def zero_shot_table(
             for alpha in TABLE3_ALPHAS:
                 paper[_column_name(dataset, alpha)] = paper_table3_value(quoted, dataset, alpha)
         rows += [paper, _delta_row(ours, paper, columns)]
+    if per_keypoint:
+        rows.append(_ours_table3_row(summaries, f"{method_label} ({matching})", matching, "pck_per_keypoint"))
+    for other in other_matchings:
+        rows.append(_ours_table3_row(summaries, f"{method_label} ({other})", other, "pck_per_image"))
     return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *columns])
+
+
+def _ours_table3_row(summaries: dict[str, pd.DataFrame], label: str, matching: str, column: str) -> dict:
+    """One row of our numbers in the Table 3 layout (per image or per keypoint)."""
+    row: dict[str, Any] = {"method": label, "source": "ours", "pck": PCK_VARIANTS[column]}
+    for dataset in DATASET_NAMES:
+        for alpha in TABLE3_ALPHAS:
+            row[_column_name(dataset, alpha)] = summary_pck(
+                summaries[dataset], ALL_CATEGORY, matching, alpha, where=dataset, column=column
+            )
+    return row
 
 
 def _paper_table2_for_alpha(paper_row: str, alpha: float) -> dict:

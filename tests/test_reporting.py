@@ -394,3 +394,13 @@ def test_write_table_csv_sidecar_markdown(tmp_path: Path, demo: bool) -> None:
         "table3.csv.provenance.json",
         "table3.md",
     ]
+
+
+def test_zero_shot_table_per_keypoint_and_other_matchings() -> None:
+    table = reporting.zero_shot_table(_summaries(), per_keypoint=True, other_matchings=("nn",))
+    assert list(table["source"]) == ["ours", "paper", "delta", "ours", "ours"]
+    assert list(table["pck"]) == ["per image", "per image", "per image", "per keypoint", "per image"]
+    per_kp, nn = table.iloc[3], table.iloc[4]
+    assert per_kp["method"] == "DIFT (kernel_softmax)" and nn["method"] == "DIFT (nn)"
+    assert per_kp["PF-Pascal@0.1"] == 43.0  # per-image 50.0 with the fixture's -7 per-keypoint offset
+    assert [nn[c] for c in TABLE3_COLUMNS] == [1.0] * 9

@@ -19,7 +19,11 @@ with log_to(snakemake.log[0]):  # noqa: F821
         demo=p.demo,
         protocol=protocol_description(p.image_size),
     )
-    table = zero_shot_table(summaries, method_label="DIFT", matching=p.matching["reported"], paper_row="DIFT")
+    reported = p.matching["reported"]
+    others = tuple(m for m in p.matching["methods"] if m != reported)
+    table = zero_shot_table(
+        summaries, "DIFT", reported, paper_row="DIFT", per_keypoint=True, other_matchings=others
+    )
     write_table(
         table,
         snakemake.output.csv,  # noqa: F821
