@@ -1,0 +1,226 @@
+"""Benchmarks (not tests): UNet passes, images/s and peak memory of SD feature extraction.
+
+`sd4match-bench truncation` times the truncated UNet (stopped after up_blocks[1]) against the full UNet on
+the real SD 2-1 architecture (random weights, reduced resolution); `sd4match-bench features` times the
+feature extractor on a model folder (a tiny demo model here, SD 2-1 on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd4match.features import SDFeaturizer, stop_after
+
+# UNet2DConditionModel config of Stable Diffusion 2-1 (unet/config.json of the SD 2-1 repo).
+SD21_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 1024,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 96,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+
+
+@dataclass
+class BenchResult:
+    """One benchmark measurement with the machine it ran on."""
+
+    name: str
+    device: str
+    settings: dict[str, Any]
+    metrics: dict[str, float]
+    machine: str
+
+
+def machine_description(device: str) -> str:
+    """CPU model / core count, or the GPU name, for BENCHMARKS.md."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU), in MiB."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, repeats: int, device: str) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_truncation(
+    image_size: int = 256, batch: int = 1, repeats: int = 3, device: str = "cpu"
+) -> BenchResult:
+    """Full vs truncated (after up_blocks[1]) UNet on the SD 2-1 architecture, random weights, in one run."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD21_UNET_CONFIG).to(device).eval().requires_grad_(False)
+    latent = torch.randn(batch, 4, image_size // 8, image_size // 8, device=device)
+    context = torch.randn(batch, 77, 1024, device=device)
+    t = torch.tensor(261, device=device)
+
+    def full() -> None:
+        with torch.no_grad():
+            unet(latent, t, encoder_hidden_states=context)
+
+    def truncated() -> None:
+        with torch.no_grad(), stop_after(unet.up_blocks[1]):
+            try:
+                unet(latent, t, encoder_hidden_states=context)
+            except Exception as exc:  # the hook's _StopForward
+                if type(exc).__name__ != "_StopForward":
+                    raise
+
+    full_s = _timed(full, repeats, device)
+    truncated_s = _timed(truncated, repeats, device)
+    metrics = {
+        "full_unet_s": full_s,
+        "truncated_unet_s": truncated_s,
+        "speedup_full_over_truncated": full_s / truncated_s,
+        "parameters_millions": sum(p.numel() for p in unet.parameters()) / 1e6,
+        "peak_memory_mib": peak_memory_mb(device),
+    }
+    settings = {
+        "image_size": image_size,
+        "batch": batch,
+        "repeats": repeats,
+        "weights": "random (SD 2-1 config)",
+    }
+    return BenchResult("truncation_sd21", device, settings, metrics, machine_description(device))
+
+
+def bench_features(
+    model_dir: str | Path,
+    image_size: int,
+    n_images: int = 4,
+    ensemble: int = 8,
+    max_batch: int = 8,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> BenchResult:
+    """Feature extraction throughput of SDFeaturizer on a model folder: UNet passes, images/s, peak memory."""
+    from sd4match.models import load_stable_diffusion
+
+    components = load_stable_diffusion(model_dir, device=device)
+    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
+    featurizer = SDFeaturizer(components, device=device, autocast_dtype=autocast, max_batch=max_batch)
+    dim = components.text_encoder.config.hidden_size
+    context = torch.zeros(1, 77, dim, device=device)
+    pixels = torch.rand(1, 3, image_size, image_size) * 2 - 1
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        featurizer(pixels, context, 50, ensemble, generator)  # warm-up
+        featurizer.unet_passes = featurizer.unet_samples = 0
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n_images):
+            features = featurizer(pixels, context, 50, ensemble, generator)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    metrics = {
+        "images_per_s": n_images / elapsed,
+        "unet_passes_per_image": featurizer.unet_passes / n_images,
+        "unet_samples_per_image": featurizer.unet_samples / n_images,
+        "feature_channels": float(features.shape[1]),
+        "feature_grid": float(features.shape[-1]),
+        "peak_memory_mib": peak_memory_mb(device),
+    }
+    settings = {
+        "model_dir": str(model_dir),
+        "image_size": image_size,
+        "ensemble": ensemble,
+        "max_batch": max_batch,
+        "precision": precision,
+        "n_images": n_images,
+    }
+    return BenchResult("features", device, settings, metrics, machine_description(device))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``sd4match-bench {truncation,features} [...]``; prints JSON (and appends to --out)."""
+    parser = argparse.ArgumentParser(prog="sd4match-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    trunc = sub.add_parser("truncation", help="full vs truncated UNet on the SD 2-1 architecture")
+    trunc.add_argument("--image-size", type=int, default=256)
+    trunc.add_argument("--batch", type=int, default=1)
+    trunc.add_argument("--repeats", type=int, default=3)
+    feats = sub.add_parser("features", help="feature extraction throughput on a model folder")
+    feats.add_argument("--model", required=True, help="local folder in the Hugging Face SD layout")
+    feats.add_argument("--image-size", type=int, default=768)
+    feats.add_argument("--images", type=int, default=4)
+    feats.add_argument("--ensemble", type=int, default=8)
+    feats.add_argument("--max-batch", type=int, default=8)
+    feats.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp32")
+    for p in (trunc, feats):
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--out", type=Path, help="append the JSON result as one line to this file")
+    args = parser.parse_args(argv)
+    if args.command == "truncation":
+        result = bench_truncation(args.image_size, args.batch, args.repeats, args.device)
+    else:
+        result = bench_features(
+            args.model,
+            args.image_size,
+            args.images,
+            args.ensemble,
+            args.max_batch,
+            args.device,
+            args.precision,
+        )
+    line = json.dumps(asdict(result), sort_keys=True)
+    print(line)
+    if args.out:
+        with open(args.out, "a") as stream:
+            stream.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
