@@ -19,7 +19,7 @@ from sd4match.io import write_table_atomic
 from sd4match.matching import bbox_to_squashed_frame, match_keypoints, to_squashed_frame
 from sd4match.metrics import PairScore, pck, pck_threshold, per_pair_frame, summarise
 from sd4match.models import load_stable_diffusion, read_model_record
-from sd4match.prompts import TextPrompt, encode_sequence
+from sd4match.prompts import PromptSource, TextPrompt, encode_sequence
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,17 @@ def image_seed(seed: int, key: ImageKey) -> int:
 
 def sd_text_prompt_features(
     featurizer: Any,
-    prompt: TextPrompt,
+    prompt: PromptSource,
     root: str | Path,
     image_size: int,
     timestep: int,
     ensemble: int,
     seed: int,
 ) -> FeatureFn:
-    """A FeatureFn computing SD features (DIFT-style) with a text prompt filled with each image's category."""
+    """A FeatureFn of SD features whose prompt depends only on each image's category.
+
+    Serves text prompts (DIFT) and the per-image learned prompts (SD4Match-Single/Class) alike.
+    """
 
     def features_for(keys: Sequence[ImageKey]) -> torch.Tensor:
         out = []
@@ -207,6 +210,136 @@ def run_zero_shot_dift(
     )
     per_pair = evaluate_pairs(pairs, features_for, settings)
     log.info("UNet passes: %d", featurizer.unet_passes)
+    write_table_atomic(per_pair, per_pair_out)
+    summary = summarise(per_pair)
+    write_table_atomic(summary, summary_out)
+    return summary
+
+
+def _chunk_seed(seed: int, pair_ids: Sequence[str]) -> int:
+    """Noise seed of one batch of CPM pairs (fixed by the config's pair_batch)."""
+    return (seed * 1_000_003 + zlib.crc32("|".join(pair_ids).encode())) % (2**63)
+
+
+class _LatentMemo:
+    """One VAE latent sample per distinct image, seeded per image and reused by every pair it appears in."""
+
+    def __init__(self, featurizer: Any, root: str | Path, image_size: int, seed: int) -> None:
+        self.featurizer, self.root, self.image_size, self.seed = featurizer, root, image_size, seed
+        self.latents: dict[ImageKey, torch.Tensor] = {}
+
+    def __call__(self, key: ImageKey) -> torch.Tensor:
+        if key not in self.latents:
+            pixels = self.featurizer.preprocess(
+                [load_image(self.root, key.path, flip=key.flip)], self.image_size
+            )
+            generator = torch.Generator(device="cpu").manual_seed(image_seed(self.seed, key))
+            self.latents[key] = self.featurizer.encode_latents(pixels, generator)[0]
+        return self.latents[key]
+
+
+def evaluate_pairs_conditional(
+    pairs: pd.DataFrame,
+    module: Any,
+    featurizer: Any,
+    dino_cache: Any,
+    root: str | Path,
+    settings: MatchingSettings,
+    timestep: int,
+    ensemble: int,
+    seed: int,
+    pair_batch: int,
+) -> pd.DataFrame:
+    """Score pairs whose prompt depends on both images (CPM): features per pair, ``pair_batch`` pairs per
+    batched UNet call; VAE latents are computed once per distinct image."""
+    from sd4match.caches import image_key
+    from sd4match.prompt_learning import PromptBatch
+
+    memo = _LatentMemo(featurizer, root, settings.image_size, seed)
+    rows = list(pairs.itertuples())
+    scores: list[PairScore] = []
+    for start in tqdm(range(0, len(rows), pair_batch), desc="pair batches", unit="batch"):
+        chunk = rows[start : start + pair_batch]
+        keys = [_pair_keys(row) for row in chunk]
+        src_names = [image_key(s.path, s.flip) for s, _ in keys]
+        trg_names = [image_key(t.path, t.flip) for _, t in keys]
+        batch = PromptBatch(
+            categories=[row.category for row in chunk],
+            src_tokens=dino_cache.tokens(src_names).to(featurizer.device),
+            trg_tokens=dino_cache.tokens(trg_names).to(featurizer.device),
+            src_global=dino_cache.global_(src_names).to(featurizer.device),
+            trg_global=dino_cache.global_(trg_names).to(featurizer.device),
+        )
+        latents = torch.stack([memo(s) for s, _ in keys] + [memo(t) for _, t in keys])
+        generator = torch.Generator(device="cpu").manual_seed(_chunk_seed(seed, [r.pair_id for r in chunk]))
+        with torch.no_grad():
+            src_embeds, trg_embeds = module.prompt_pair(batch)
+            hidden = encode_sequence(featurizer.text_encoder, torch.cat([src_embeds, trg_embeds]))
+            feats = featurizer.extract_from_latents(latents, hidden, timestep, ensemble, generator).cpu()
+        for i, row in enumerate(chunk):
+            scores.extend(score_pair(row, feats[i], feats[len(chunk) + i], settings))
+    return per_pair_frame(scores)
+
+
+def run_prompt_evaluation(
+    prompt_path: str | Path,
+    pairs_path: str | Path,
+    location_path: str | Path,
+    model_record_path: str | Path,
+    dino_cache_path: str | Path | None,
+    dino_record_path: str | Path | None,
+    evaluation: dict[str, Any],
+    features: dict[str, Any],
+    matching: dict[str, Any],
+    alphas: Sequence[float],
+    max_pairs: int | None,
+    image_size: int,
+    seed: int,
+    device: str,
+    per_pair_out: str | Path,
+    summary_out: str | Path,
+) -> pd.DataFrame:
+    """SD4Match with a learned prompt on one test set: per-image reuse for Single/Class, per pair for CPM."""
+    from sd4match.caches import DinoCache
+    from sd4match.features import SDFeaturizer
+    from sd4match.prompt_learning import load_prompt
+
+    pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
+    root = read_location(location_path).root
+    record = read_model_record(model_record_path)
+    components = load_stable_diffusion(record.local_path, device=device)
+    module, meta = load_prompt(prompt_path, components.text_encoder, components.tokenizer)
+    module = module.to(device).eval()
+    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[features["precision"]]
+    featurizer = SDFeaturizer(
+        components,
+        up_block_index=features["up_block_index"],
+        device=device,
+        autocast_dtype=autocast if device.startswith("cuda") else None,
+        max_batch=features["max_unet_batch"],
+    )
+    settings = MatchingSettings(
+        image_size=image_size,
+        methods=tuple(matching["methods"]),
+        alphas=tuple(alphas),
+        kernel_sigma=matching["kernel_sigma"],
+        temperature=matching["softmax_temperature"],
+    )
+    t, ensemble = evaluation["timestep"], evaluation["ensemble"]
+    log.info("SD4Match-%s (%s) on %s: %d pairs", module.variant, prompt_path, pairs_path, len(pairs))
+    if module.per_image:
+        features_for = sd_text_prompt_features(featurizer, module, root, image_size, t, ensemble, seed)
+        per_pair = evaluate_pairs(pairs, features_for, settings)
+    else:
+        if dino_cache_path is None:
+            raise ValueError(
+                f"prompt {prompt_path} is conditional (CPM) and needs a DINOv2 cache of the test images"
+            )
+        dino = DinoCache.load(dino_cache_path, expect_meta={})
+        per_pair = evaluate_pairs_conditional(
+            pairs, module, featurizer, dino, root, settings, t, ensemble, seed, evaluation["pair_batch"]
+        )
+    log.info("UNet passes: %d (%d latents)", featurizer.unet_passes, featurizer.unet_samples)
     write_table_atomic(per_pair, per_pair_out)
     summary = summarise(per_pair)
     write_table_atomic(summary, summary_out)

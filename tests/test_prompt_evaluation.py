@@ -1,0 +1,150 @@
+"""Evaluating learned prompts on the tiny world: per-image reuse (Single) vs per-pair batches (CPM)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from sd4match.caches import DinoCache, build_dino_cache, cache_meta
+from sd4match.data_sources import DatasetLocation, write_location
+from sd4match.datasets import parse_pfwillow, write_pairs_table
+from sd4match.demo_world import DemoWorldSpec, make_pfwillow
+from sd4match.evaluation import (
+    MatchingSettings,
+    evaluate_pairs,
+    evaluate_pairs_conditional,
+    run_prompt_evaluation,
+    sd_text_prompt_features,
+)
+from sd4match.features import SDFeaturizer
+from sd4match.fetch import extract
+from sd4match.models import ModelSpec, load_dinov2, load_stable_diffusion, resolve_model, write_model_record
+from sd4match.prompt_learning import CPMConfig, build_prompt_module, save_prompt
+from sd4match.tiny_models import build_tiny_dinov2, build_tiny_stable_diffusion
+
+S = 64
+TINY_CPM = CPMConfig(dino_dim=32, n_patches=256)  # the tiny DINOv2: hidden 32, 16 x 16 patches
+SETTINGS = MatchingSettings(image_size=S, methods=("nn", "kernel_softmax"), alphas=(0.1,))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("prompt_eval")
+    images_zip, pairs_csv = make_pfwillow(base / "archives", DemoWorldSpec())
+    extract(images_zip, base / "root")
+    pairs = parse_pfwillow(base / "root", pairs_csv)
+    sd_dir = build_tiny_stable_diffusion(base / "sd21", seed=0)
+    dino_dir = build_tiny_dinov2(base / "dinov2", seed=0)
+    sd_record = resolve_model(ModelSpec(name="sd21", id=str(sd_dir), kind="stable_diffusion"))
+    dino_record = resolve_model(ModelSpec(name="dinov2", id=str(dino_dir), kind="dinov2"))
+    model, processor = load_dinov2(dino_dir)
+    build_dino_cache(
+        [pairs],
+        base / "root",
+        model,
+        processor,
+        base / "dino.safetensors",
+        cache_meta(dino_record, None, "dino", processor=processor),
+    )
+    write_pairs_table(pairs, base / "pairs.parquet")
+    write_location(DatasetLocation("pfwillow", str(base / "root")), base / "fetch.json")
+    write_model_record(sd_record, base / "sd21.json")
+    write_model_record(dino_record, base / "dinov2.json")
+    components = load_stable_diffusion(sd_dir)
+    return {"base": base, "pairs": pairs, "components": components, "dino_record": dino_record}
+
+
+def _featurizer(world) -> SDFeaturizer:
+    return SDFeaturizer(world["components"], max_batch=8)
+
+
+def test_single_prompt_features_once_per_distinct_image(world):
+    featurizer = _featurizer(world)
+    c = world["components"]
+    module = build_prompt_module("single", c.text_encoder, c.tokenizer)
+    features_for = sd_text_prompt_features(featurizer, module, world["base"] / "root", S, 50, 2, seed=0)
+    per_pair = evaluate_pairs(world["pairs"], features_for, SETTINGS)
+    assert len(per_pair) == 60 * 2
+    assert featurizer.unet_passes == 30  # 30 distinct images, E = 2 draws in one UNet call each
+    assert featurizer.unet_samples == 30 * 2
+
+
+def test_cpm_features_per_pair_in_batches(world):
+    featurizer = _featurizer(world)
+    c = world["components"]
+    module = build_prompt_module("cpm", c.text_encoder, c.tokenizer, cpm=TINY_CPM)
+    dino = DinoCache.load(world["base"] / "dino.safetensors", expect_meta={"kind": "dino"})
+    run = lambda: evaluate_pairs_conditional(  # noqa: E731
+        world["pairs"], module, featurizer, dino, world["base"] / "root", SETTINGS, 50, 2, 0, pair_batch=4
+    )
+    first = run()
+    # 60 pairs in 15 batches of 4; each batch = 4 pairs x 2 images x E=2 = 16 latents = 2 UNet calls of 8
+    assert featurizer.unet_passes == 15 * 2
+    assert featurizer.unet_samples == 60 * 2 * 2
+    pd.testing.assert_frame_equal(first, run())  # seeded: identical on rerun
+
+
+def test_run_prompt_evaluation_writes_per_pair_and_summary(world, tmp_path):
+    c = world["components"]
+    base = world["base"]
+    settings = dict(
+        pairs_path=base / "pairs.parquet",
+        location_path=base / "fetch.json",
+        model_record_path=base / "sd21.json",
+        evaluation={"timestep": 50, "ensemble": 1, "pair_batch": 8},
+        features={"precision": "fp32", "up_block_index": 1, "max_unet_batch": 16},
+        matching={
+            "methods": ["nn", "soft_argmax", "kernel_softmax"],
+            "kernel_sigma": 7.0,
+            "softmax_temperature": 0.04,
+        },
+        alphas=[0.05, 0.1, 0.15],
+        max_pairs=None,
+        image_size=S,
+        seed=0,
+        device="cpu",
+    )
+    for variant in ("single", "cpm"):
+        prompt = tmp_path / f"{variant}.safetensors"
+        cpm = TINY_CPM if variant == "cpm" else None
+        save_prompt(
+            build_prompt_module(variant, c.text_encoder, c.tokenizer, cpm=cpm), prompt, {"variant": variant}
+        )
+        dino = (base / "dino.safetensors", base / "dinov2.json") if variant == "cpm" else (None, None)
+        summary = run_prompt_evaluation(
+            prompt_path=prompt,
+            dino_cache_path=dino[0],
+            dino_record_path=dino[1],
+            per_pair_out=tmp_path / f"{variant}_per_pair.csv",
+            summary_out=tmp_path / f"{variant}_summary.csv",
+            **settings,
+        )
+        per_pair = pd.read_csv(tmp_path / f"{variant}_per_pair.csv")
+        assert len(per_pair) == 60 * 3 * 3
+        all_rows = summary[summary.category == "All"]
+        assert len(all_rows) == 9 and (all_rows.n_pairs == 60).all()
+
+
+def test_cpm_without_dino_tokens_fails_clearly(world, tmp_path):
+    c = world["components"]
+    prompt = tmp_path / "cpm.safetensors"
+    save_prompt(build_prompt_module("cpm", c.text_encoder, c.tokenizer, cpm=TINY_CPM), prompt, {})
+    with pytest.raises(ValueError, match="conditional"):
+        run_prompt_evaluation(
+            prompt,
+            world["base"] / "pairs.parquet",
+            world["base"] / "fetch.json",
+            world["base"] / "sd21.json",
+            None,
+            None,
+            {"timestep": 50, "ensemble": 1, "pair_batch": 2},
+            {"precision": "fp32", "up_block_index": 1, "max_unet_batch": 8},
+            {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04},
+            [0.1],
+            None,
+            S,
+            0,
+            "cpu",
+            tmp_path / "p.csv",
+            tmp_path / "s.csv",
+        )
