@@ -404,3 +404,47 @@ def test_zero_shot_table_per_keypoint_and_other_matchings() -> None:
     assert per_kp["method"] == "DIFT (kernel_softmax)" and nn["method"] == "DIFT (nn)"
     assert per_kp["PF-Pascal@0.1"] == 43.0  # per-image 50.0 with the fixture's -7 per-keypoint offset
     assert [nn[c] for c in TABLE3_COLUMNS] == [1.0] * 9
+
+
+def test_paper_cpm_variants_are_the_default_design() -> None:
+    variants = {
+        "single": {"kind": "single"},
+        "cpm": {
+            "kind": "cpm",
+            "condition": "pair",
+            "features": "local",
+            "global_prompt": True,
+            "use_gn": True,
+        },
+        "cpm_no_gn": {"kind": "cpm", "use_gn": False},
+        "cpm_implicit": {"kind": "cpm"},
+    }
+    assert reporting.paper_cpm_variants(variants) == {"cpm", "cpm_implicit"}
+
+
+def test_table2_sd4match_rows() -> None:
+    kinds = {"single": "single", "cpm_no_gn": "cpm"}
+    table = reporting.table2_sd4match(
+        {"single": _spair_summary(), "cpm_no_gn": _spair_summary()},
+        kinds,
+        "kernel_softmax",
+        default_cpm=set(),
+    )
+    # the paper has a Single row (ours, paper, delta); an ablation CPM variant has ours only
+    assert list(table["source"]) == ["ours", "paper", "delta", "ours"]
+    assert table.iloc[1]["All"] == 72.6 and table.iloc[2]["All"] == pytest.approx(70.0 - 72.6, abs=1e-9)
+    assert table.iloc[3]["method"] == "SD4Match-CPM [cpm_no_gn] (kernel_softmax)"
+
+
+def test_table3_sd4match_rows_pick_the_training_set() -> None:
+    table = reporting.table3_sd4match(
+        {("pfpascal", "cpm"): _summaries(), ("spair", "cpm"): _summaries()},
+        {"cpm": "cpm"},
+        "kernel_softmax",
+        default_cpm={"cpm"},
+    )
+    paper = table[table["source"] == "paper"]
+    # PF-Pascal-tuned CPM: 84.4 on PF-Pascal@0.05; SPair-tuned CPM: 73.3
+    assert list(paper["PF-Pascal@0.05"]) == [84.4, 73.3]
+    assert list(paper["SPair-71k@0.1"]) == [40.9, 75.5]
+    assert table.iloc[0]["method"] == "SD4Match-CPM [cpm] (tuned on PF-Pascal) (kernel_softmax)"
