@@ -13,6 +13,9 @@ include: "rules/demo.smk"
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/zero_shot.smk"
+include: "rules/caches.smk"
+include: "rules/training.smk"
+include: "rules/sd4match.smk"
 include: "rules/report.smk"
 
 

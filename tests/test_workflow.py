@@ -52,27 +52,33 @@ def empty_workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+PAPER_JOBS = {
+    "fetch_dataset": 3,
+    "resolve_model": 2,  # SD 2-1, DINOv2
+    "pairs_table": 7,  # three test splits + SPair and PF-Pascal trn/val
+    "evaluate_dift": 3,
+    "latent_cache": 2,  # SPair, PF-Pascal (trn + val images)
+    "dino_cache": 5,  # trn+val of the two training sets, test of the three test sets (CPM)
+    "train_prompt": 5,  # SPair: Single, Class, CPM; PF-Pascal: Single, CPM
+    "evaluate_prompt": 13,  # 4 runs x 3 test sets + Class on SPair only
+    "table_zero_shot_dift": 1,
+    "table2_sd4match": 1,
+    "table3_sd4match": 1,
+    "all": 1,
+}
+
+
 def test_paper_dag_contains_every_job(empty_workdir: Path):
     counts = dry_run("-d", str(empty_workdir), cwd=empty_workdir)
-    assert counts == {
-        "fetch_dataset": 3,
-        "resolve_model": 1,
-        "pairs_table": 3,
-        "evaluate_dift": 3,
-        "table_zero_shot_dift": 1,
-        "all": 1,
-        "total": 12,
-    }
+    assert counts == PAPER_JOBS | {"total": sum(PAPER_JOBS.values())}
 
 
 def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     counts = dry_run(
         "-d", str(empty_workdir), "--configfile", "config.yaml", "profiles/demo/world.yaml", cwd=empty_workdir
     )
-    assert counts["demo_datasets"] == 1
-    assert counts["tiny_model"] == 1
-    assert counts["evaluate_dift"] == 3
-    assert counts["total"] == 14
+    demo_jobs = {"demo_datasets": 1, "tiny_model": 2}
+    assert counts == PAPER_JOBS | demo_jobs | {"total": sum(PAPER_JOBS.values()) + 3}
 
 
 def test_one_target_plans_only_its_jobs(empty_workdir: Path):
@@ -85,6 +91,21 @@ def test_one_target_plans_only_its_jobs(empty_workdir: Path):
         "pairs_table": 1,
         "evaluate_dift": 1,
         "total": 4,
+    }
+
+
+def test_one_training_run_plans_only_its_jobs(empty_workdir: Path):
+    counts = dry_run(
+        "-d", str(empty_workdir), "results/sd4match/spair/single/pfwillow/summary.csv", cwd=empty_workdir
+    )
+    assert counts == {
+        "fetch_dataset": 2,
+        "resolve_model": 1,
+        "pairs_table": 3,
+        "latent_cache": 1,
+        "train_prompt": 1,
+        "evaluate_prompt": 1,
+        "total": 9,
     }
 
 
@@ -112,8 +133,8 @@ def test_demo_dag_runs_end_to_end(empty_workdir: Path):
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     out = empty_workdir / "results/demo"
-    md = (out / "tables/zero_shot_dift.md").read_text()
-    assert "DEMO RUN" in md
+    for table_name in ("zero_shot_dift", "table2_sd4match", "table3_sd4match"):
+        assert "DEMO RUN" in (out / f"tables/{table_name}.md").read_text()
     table = pd.read_csv(out / "tables/zero_shot_dift.csv")
     assert set(table["source"]) == {"ours", "paper", "delta"}
     for dataset in ("spair", "pfpascal", "pfwillow"):

@@ -1,0 +1,45 @@
+"""Caches reused by every prompt variant: VAE posteriors and DINOv2 tokens per distinct image."""
+
+
+rule latent_cache:
+    input:
+        pairs=[pairs_table("{dataset}", "trn"), pairs_table("{dataset}", "val")],
+        data=fetch_record("{dataset}"),
+        model=model_record(SD4["model"]),
+    output:
+        cache=latent_cache("{dataset}"),
+    log:
+        "logs/cache/latents_{dataset}.log",
+    benchmark:
+        "benchmarks/cache/latents_{dataset}.tsv"
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=config["gpu"]["cache"],
+    params:
+        image_size=config["image_size"],
+    script:
+        "../workflow_scripts/latent_cache.py"
+
+
+rule dino_cache:
+    input:
+        pairs=lambda wc: (
+            [pairs_table(wc.dataset, "trn"), pairs_table(wc.dataset, "val")]
+            if wc.part == "trnval"
+            else [pairs_table(wc.dataset, "test")]
+        ),
+        data=fetch_record("{dataset}"),
+        model=model_record(SD4["dino_model"]),
+    output:
+        cache=dino_cache("{dataset}", "{part}"),
+    log:
+        "logs/cache/dinov2_{dataset}_{part}.log",
+    benchmark:
+        "benchmarks/cache/dinov2_{dataset}_{part}.tsv"
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=config["gpu"]["cache"],
+    script:
+        "../workflow_scripts/dino_cache.py"
