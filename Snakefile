@@ -8,6 +8,9 @@ Demo run:   snakemake --profile profiles/demo
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/data.smk"
@@ -17,6 +20,8 @@ include: "rules/caches.smk"
 include: "rules/training.smk"
 include: "rules/sd4match.smk"
 include: "rules/report.smk"
+include: "rules/figures.smk"
+include: "rules/targets.smk"
 
 
 rule all:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from sd4match.config import config_hash, is_demo, validate_config
+from sd4match.config import config_hash, is_demo, method_config, validate_config
 
 config = validate_config(
     config, source="the workflow configuration (config.yaml + overlays)"
@@ -19,6 +19,11 @@ CONDA_ENV = "../envs/sd4match.yaml"
 
 SD4 = config["sd4match"]
 TRAIN_SETS = ["spair", "pfpascal"]
+ZS = config["zero_shot"]
+FIG3A = config["fig3a"]
+FIG3B = config["fig3b"]
+FIGS = config["figures"]
+CAPTIONER = config["implicit_captioner"]
 
 
 wildcard_constraints:
@@ -28,6 +33,8 @@ wildcard_constraints:
     part="trnval|test",
     model="[A-Za-z0-9_]+",
     variant="[a-z0-9_]+",
+    method="[a-z0-9_]+",
+    t="[0-9]+",
 
 
 def is_remote(url):
@@ -172,10 +179,69 @@ def sd4match_summaries(trainsets=TRAIN_SETS):
     ]
 
 
+def zero_shot_method(wildcards):
+    """The configured zero-shot method (``<name>_t<T>``: at timestep T), with its model family."""
+    method = method_config(ZS, wildcards.method)
+    return method | {"family": config["models"][method["model"]]["kind"]}
+
+
+def zero_shot_inputs(wildcards):
+    """Pairs, data and the model records (and captioner weights) one zero-shot evaluation needs."""
+    method = method_config(ZS, wildcards.method)
+    inputs = {
+        "pairs": pairs_table(wildcards.dataset, "test"),
+        "data": fetch_record(wildcards.dataset),
+        "model": model_record(method["model"]),
+    }
+    if method.get("dino_model"):
+        inputs["dino_model"] = model_record(method["dino_model"])
+    if method.get("prompt") == "implicit":
+        inputs["clip_model"] = model_record(CAPTIONER["clip_model"])
+        inputs["captioner"] = f"{RES}/models/implicit_captioner.json"
+    return inputs
+
+
+def zero_shot_summary(method, dataset):
+    return f"{OUT}/zero_shot/{method}/{dataset}/summary.csv"
+
+
+def zero_shot_summaries(methods):
+    """Summaries of zero-shot methods on each of their configured test sets."""
+    return {
+        f"{m}/{d}": zero_shot_summary(m, d)
+        for m in methods
+        for d in ZS[m]["datasets"]
+        if d in TEST_DATASETS
+    }
+
+
+def timestep_summary(t):
+    return (
+        f"{OUT}/timesteps/{FIG3B['trainset']}/{FIG3B['variant']}/spair_t{t}/summary.csv"
+    )
+
+
+def fig3a_summaries():
+    """SPair-71k summaries of the six CPM conditioning cases (case number -> summary path)."""
+    return {
+        str(case): sd4match_summary(FIG3A["trainset"], variant, "spair")
+        for case, variant in FIG3A["cases"].items()
+    }
+
+
+# What every table/figure job passes to sd4match.provenance.build_provenance.
+PROVENANCE = {
+    "config_hash": CONFIG_HASH,
+    "demo": DEMO,
+    "image_size": config["image_size"],
+}
+
+TABLES = ["table1", "table2", "table3", "zero_shot_dift", "fig3a", "fig3b"]
+FIGURES = ["fig3a", "fig3b", "fig4", "fig5", "qualitative"]
+
+
 def all_targets():
-    """Every table this pipeline produces."""
+    """Every table and figure of the paper."""
     return [
-        f"{OUT}/tables/{name}.{ext}"
-        for name in ("zero_shot_dift", "table2_sd4match", "table3_sd4match")
-        for ext in ("csv", "md")
-    ]
+        f"{OUT}/tables/{name}.{ext}" for name in TABLES for ext in ("csv", "md")
+    ] + [f"{OUT}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]

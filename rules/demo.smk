@@ -31,3 +31,20 @@ rule tiny_model:
         seed=config.get("demo_world", {}).get("seed", 0),
     script:
         "../workflow_scripts/tiny_model.py"
+
+
+rule tiny_captioner:
+    input:
+        clip=tiny_model_dir("clip_vision"),
+        sd=tiny_model_dir("sd15"),
+    output:
+        f"{RES}/tiny_models/implicit_captioner.safetensors",
+    log:
+        "logs/demo/tiny_captioner.log",
+    conda:
+        CONDA_ENV
+    params:
+        seed=config.get("demo_world", {}).get("seed", 0),
+        prefix=CAPTIONER["prefix"],
+    script:
+        "../workflow_scripts/tiny_captioner.py"

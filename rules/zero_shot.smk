@@ -1,30 +1,45 @@
-"""Zero-shot baselines computed by the DAG (DIFT: SD 2-1, template prompt, t=261, E=8)."""
-
-DIFT = config["zero_shot"]["dift"]
+"""Zero-shot baselines computed by the DAG: DIFT, DINO, DINOv2, SD+DINO and SD+DINO* (protocol.md)."""
 
 
-rule evaluate_dift:
+rule fetch_captioner:
     input:
-        pairs=pairs_table("{dataset}", "test"),
-        data=fetch_record("{dataset}"),
-        model=model_record(DIFT["model"]),
+        local_source(CAPTIONER["url"]),
     output:
-        per_pair=f"{OUT}/zero_shot/dift/{{dataset}}/per_pair.csv",
-        summary=f"{OUT}/zero_shot/dift/{{dataset}}/summary.csv",
+        f"{RES}/models/implicit_captioner.json",
     log:
-        "logs/zero_shot/dift_{dataset}.log",
+        "logs/models/fetch_captioner.log",
+    conda:
+        CONDA_ENV
+    params:
+        url=CAPTIONER["url"],
+        sha256=CAPTIONER["sha256"],
+        downloads=f"{RES}/downloads",
+    script:
+        "../workflow_scripts/fetch_captioner.py"
+
+
+rule evaluate_zero_shot:
+    input:
+        unpack(zero_shot_inputs),
+    output:
+        per_pair=f"{OUT}/zero_shot/{{method}}/{{dataset}}/per_pair.csv",
+        summary=zero_shot_summary("{method}", "{dataset}"),
+    log:
+        "logs/zero_shot/{method}_{dataset}.log",
     benchmark:
-        "benchmarks/zero_shot/dift_{dataset}.tsv"
+        "benchmarks/zero_shot/{method}_{dataset}.tsv"
     conda:
         CONDA_ENV
     resources:
         gpu=config["gpu"]["evaluate"],
     params:
-        dift=DIFT,
+        method=zero_shot_method,
+        captioner=CAPTIONER,
         image_size=config["image_size"],
         features=config["features"],
         matching=config["matching"],
-        evaluation=config["evaluation"],
+        alphas=config["evaluation"]["alphas"],
+        max_pairs=config["evaluation"]["max_pairs"],
         seed=config["seed"],
     script:
-        "../workflow_scripts/evaluate_dift.py"
+        "../workflow_scripts/evaluate_zero_shot.py"

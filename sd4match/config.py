@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -40,23 +41,67 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
     return copy.deepcopy(dict(config))
 
 
+def _fail(source: str, key: str, message: str) -> None:
+    raise ConfigError(f"invalid configuration in {source}: key '{key}' {message}")
+
+
+def _check_model(config: Mapping[str, Any], source: str, key: str, name: Any, kinds: tuple[str, ...]) -> None:
+    """A reference to the model registry must name a model of one of ``kinds``."""
+    if name not in config["models"]:
+        _fail(source, key, f"names model {name!r}, which is not in 'models' ({sorted(config['models'])})")
+    if config["models"][name]["kind"] not in kinds:
+        _fail(source, key, f"must name a model of kind {' or '.join(kinds)}, not {name!r}")
+
+
 def _check_cross_fields(config: Mapping[str, Any], source: str) -> None:
-    model = config["zero_shot"]["dift"]["model"]
-    if model not in config["models"]:
-        raise ConfigError(
-            f"invalid configuration in {source}: key 'zero_shot.dift.model' names model {model!r}, "
-            f"which is not in 'models' ({sorted(config['models'])})"
+    """Rules the schema cannot express: references between sections resolve to the right kinds."""
+    for name, method in config["zero_shot"].items():
+        key = f"zero_shot.{name}"
+        if method["kind"] == "vit":
+            _check_model(config, source, f"{key}.model", method["model"], ("dino", "dinov2"))
+        else:
+            _check_model(config, source, f"{key}.model", method["model"], ("stable_diffusion",))
+        if method.get("dino_model"):
+            _check_model(config, source, f"{key}.dino_model", method["dino_model"], ("dinov2",))
+    captioner = config["implicit_captioner"]
+    _check_model(config, source, "implicit_captioner.clip_model", captioner["clip_model"], ("clip_vision",))
+    _check_model(
+        config, source, "implicit_captioner.text_model", captioner["text_model"], ("stable_diffusion",)
+    )
+    sd4 = config["sd4match"]
+    _check_model(config, source, "sd4match.model", sd4["model"], ("stable_diffusion",))
+    _check_model(config, source, "sd4match.dino_model", sd4["dino_model"], ("dinov2",))
+    for trainset, variants in sd4["train_sets"].items():
+        for variant in variants:
+            if variant not in sd4["variants"]:
+                _fail(
+                    source,
+                    f"sd4match.train_sets.{trainset}",
+                    f"names variant {variant!r}, not in 'sd4match.variants'",
+                )
+    for case, variant in config["fig3a"]["cases"].items():
+        if variant not in sd4["variants"] or sd4["variants"][variant]["kind"] != "cpm":
+            _fail(
+                source,
+                f"fig3a.cases.{case}",
+                f"must name a CPM variant of 'sd4match.variants', not {variant!r}",
+            )
+    if config["fig3b"]["variant"] not in sd4["variants"]:
+        _fail(
+            source,
+            "fig3b.variant",
+            f"names variant {config['fig3b']['variant']!r}, not in 'sd4match.variants'",
         )
-    if config["models"][model]["kind"] != "stable_diffusion":
-        raise ConfigError(
-            f"invalid configuration in {source}: "
-            "key 'zero_shot.dift.model' must name a stable_diffusion model"
-        )
+    if config["fig3b"]["baseline"] not in config["zero_shot"]:
+        _fail(source, "fig3b.baseline", f"names {config['fig3b']['baseline']!r}, not in 'zero_shot'")
     if config["matching"]["reported"] not in config["matching"]["methods"]:
-        raise ConfigError(
-            f"invalid configuration in {source}: key 'matching.reported' "
-            f"({config['matching']['reported']!r}) must be one of 'matching.methods'"
+        _fail(
+            source,
+            "matching.reported",
+            f"({config['matching']['reported']!r}) must be one of 'matching.methods'",
         )
+    if config["zero_shot_matching"] not in config["matching"]["methods"]:
+        _fail(source, "zero_shot_matching", "must be one of 'matching.methods'")
 
 
 def load_config(*paths: str | Path) -> dict[str, Any]:
@@ -96,3 +141,16 @@ def config_hash(config: Mapping[str, Any]) -> str:
 def is_demo(config: Mapping[str, Any]) -> bool:
     """True when the run uses the offline demo world (tiny random models, synthetic data)."""
     return bool(config.get("demo_world", {}).get("enabled", False))
+
+
+TIMESTEP_SUFFIX = re.compile(r"^(?P<base>[a-z0-9_]+?)_t(?P<t>\d+)$")
+
+
+def method_config(methods: Mapping[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """Config of a zero-shot method; ``<base>_t<T>`` is ``<base>`` at timestep T (the Fig. 3b sweep)."""
+    if name in methods:
+        return dict(methods[name])
+    match = TIMESTEP_SUFFIX.match(name)
+    if match and match["base"] in methods and "timestep" in methods[match["base"]]:
+        return dict(methods[match["base"]]) | {"timestep": int(match["t"])}
+    raise ValueError(f"zero-shot method {name!r} is not configured under 'zero_shot' ({sorted(methods)})")

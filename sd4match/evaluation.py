@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from sd4match.io import write_table_atomic
 from sd4match.matching import bbox_to_squashed_frame, match_keypoints, to_squashed_frame
 from sd4match.metrics import PairScore, pck, pck_threshold, per_pair_frame, summarise
 from sd4match.models import load_stable_diffusion, read_model_record
-from sd4match.prompts import PromptSource, TextPrompt, encode_sequence
+from sd4match.prompts import PromptSource, encode_sequence
 
 log = logging.getLogger(__name__)
 
@@ -165,57 +165,6 @@ def limit_pairs(pairs: pd.DataFrame, max_pairs: int | None) -> pd.DataFrame:
     return pairs if max_pairs is None else pairs.head(max_pairs)
 
 
-def run_zero_shot_dift(
-    pairs_path: str | Path,
-    location_path: str | Path,
-    model_record_path: str | Path,
-    dift: dict[str, Any],
-    features: dict[str, Any],
-    matching: dict[str, Any],
-    evaluation: dict[str, Any],
-    image_size: int,
-    seed: int,
-    device: str,
-    per_pair_out: str | Path,
-    summary_out: str | Path,
-) -> pd.DataFrame:
-    """Zero-shot DIFT on one test set: SD features with a text prompt, every matching method, PCK per pair."""
-    from sd4match.features import SDFeaturizer
-
-    pairs = limit_pairs(read_pairs_table(pairs_path), evaluation.get("max_pairs"))
-    location = read_location(location_path)
-    record = read_model_record(model_record_path)
-    components = load_stable_diffusion(record.local_path, device=device)
-    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[features["precision"]]
-    featurizer = SDFeaturizer(
-        components,
-        up_block_index=features["up_block_index"],
-        device=device,
-        autocast_dtype=autocast if device.startswith("cuda") else None,
-        max_batch=features["max_unet_batch"],
-    )
-    prompt = TextPrompt(dift["prompt"], components.text_encoder, components.tokenizer)
-    settings = MatchingSettings(
-        image_size=image_size,
-        methods=tuple(matching["methods"]),
-        alphas=tuple(evaluation["alphas"]),
-        kernel_sigma=matching["kernel_sigma"],
-        temperature=matching["softmax_temperature"],
-    )
-    log.info(
-        "DIFT on %s: %d pairs, model %s @ %s", pairs_path, len(pairs), record.id, record.revision_resolved
-    )
-    features_for = sd_text_prompt_features(
-        featurizer, prompt, location.root, image_size, dift["timestep"], dift["ensemble"], seed
-    )
-    per_pair = evaluate_pairs(pairs, features_for, settings)
-    log.info("UNet passes: %d", featurizer.unet_passes)
-    write_table_atomic(per_pair, per_pair_out)
-    summary = summarise(per_pair)
-    write_table_atomic(summary, summary_out)
-    return summary
-
-
 def _chunk_seed(seed: int, pair_ids: Sequence[str]) -> int:
     """Noise seed of one batch of CPM pairs (fixed by the config's pair_batch)."""
     return (seed * 1_000_003 + zlib.crc32("|".join(pair_ids).encode())) % (2**63)
@@ -238,26 +187,25 @@ class _LatentMemo:
         return self.latents[key]
 
 
-def evaluate_pairs_conditional(
+def conditional_pair_features(
     pairs: pd.DataFrame,
     module: Any,
     featurizer: Any,
     dino_cache: Any,
     root: str | Path,
-    settings: MatchingSettings,
+    image_size: int,
     timestep: int,
     ensemble: int,
     seed: int,
     pair_batch: int,
-) -> pd.DataFrame:
-    """Score pairs whose prompt depends on both images (CPM): features per pair, ``pair_batch`` pairs per
-    batched UNet call; VAE latents are computed once per distinct image."""
+) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+    """Yield (row, src_feat, trg_feat) for pairs whose prompt depends on both images (CPM): ``pair_batch``
+    pairs per batched UNet call; VAE latents are computed once per distinct image."""
     from sd4match.caches import image_key
     from sd4match.prompt_learning import PromptBatch
 
-    memo = _LatentMemo(featurizer, root, settings.image_size, seed)
+    memo = _LatentMemo(featurizer, root, image_size, seed)
     rows = list(pairs.itertuples())
-    scores: list[PairScore] = []
     for start in tqdm(range(0, len(rows), pair_batch), desc="pair batches", unit="batch"):
         chunk = rows[start : start + pair_batch]
         keys = [_pair_keys(row) for row in chunk]
@@ -277,7 +225,28 @@ def evaluate_pairs_conditional(
             hidden = encode_sequence(featurizer.text_encoder, torch.cat([src_embeds, trg_embeds]))
             feats = featurizer.extract_from_latents(latents, hidden, timestep, ensemble, generator).cpu()
         for i, row in enumerate(chunk):
-            scores.extend(score_pair(row, feats[i], feats[len(chunk) + i], settings))
+            yield row, feats[i], feats[len(chunk) + i]
+
+
+def evaluate_pairs_conditional(
+    pairs: pd.DataFrame,
+    module: Any,
+    featurizer: Any,
+    dino_cache: Any,
+    root: str | Path,
+    settings: MatchingSettings,
+    timestep: int,
+    ensemble: int,
+    seed: int,
+    pair_batch: int,
+) -> pd.DataFrame:
+    """Score pairs with per-pair (CPM) features from :func:`conditional_pair_features`."""
+    features = conditional_pair_features(
+        pairs, module, featurizer, dino_cache, root, settings.image_size, timestep, ensemble, seed, pair_batch
+    )
+    scores: list[PairScore] = []
+    for row, src_feat, trg_feat in features:
+        scores.extend(score_pair(row, src_feat, trg_feat, settings))
     return per_pair_frame(scores)
 
 

@@ -37,3 +37,16 @@ def model_revisions(record_paths: list[str | Path]) -> dict[str, dict[str, Any]]
             "revision_resolved": rec.revision_resolved,
         }
     return out
+
+
+def build_provenance(config_hash: str, record_paths: list[str | Path], demo: bool, image_size: int):
+    """The Provenance every table and figure carries (reporting.Provenance)."""
+    from sd4match.reporting import Provenance, protocol_description
+
+    return Provenance(
+        config_hash=config_hash,
+        models=model_revisions(record_paths),
+        code_version=code_version(),
+        demo=demo,
+        protocol=protocol_description(image_size),
+    )

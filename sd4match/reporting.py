@@ -13,6 +13,7 @@ import functools
 import importlib.resources
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,22 @@ ALL_CATEGORY = "All"
 PCK_VARIANT = "per image"
 PCK_VARIANTS = {"pck_per_image": "per image", "pck_per_keypoint": "per keypoint"}
 LABEL_COLUMNS = ("method", "source", "pck")
+
+# Full paper tables: extra columns, the source of literature rows, the Markdown rendering of marks.
+GROUP_COLUMN = "group"
+TRAINED_ON_COLUMN = "trained_on"
+CITATION_COLUMN = "citation"
+BEST_COLUMN = "best_in_group"
+BEST_SEPARATOR = ";"
+QUOTED_SOURCE = "quoted"
+RANKED_SOURCES = ("ours", QUOTED_SOURCE)
+QUOTED_SUFFIX = " (quoted)"
+QUOTED_PCK = "as reported"  # the cited papers' own PCK convention, unknown to this pipeline
+MARKDOWN_HIDDEN_COLUMNS = (CITATION_COLUMN, BEST_COLUMN)
+ZERO_SHOT = "-"
+SPAIR_TUNED = "SPair-71k"
+TABLE1_ROWS = ("DIFT", "SD+DINO*")
+TABLE1_PROMPTS = ("empty", "template", "implicit")
 
 DEMO_WARNING = "**DEMO RUN — tiny random models on synthetic data; numbers are NOT comparable to the paper**"
 PROVENANCE_MODEL_KEYS = ("id", "revision_requested", "revision_resolved")
@@ -81,6 +98,15 @@ def validate_paper_tables(tables: Any, where: str) -> None:
     for key in ("table1", "table2", "table3", "fig3a"):
         if key not in tables or not isinstance(tables[key], dict) or "rows" not in tables[key]:
             raise ValueError(f"{where}: missing table {key!r} with 'rows'")
+    _validate_table1(tables["table1"], where)
+    for key in ("table2", "table3"):
+        groups = tables[key].get("groups") or {}
+        for row in tables[key]["rows"]:
+            if row.get("group") not in groups:
+                raise ValueError(
+                    f"{where}: {key} row {row.get('method')!r}: group {row.get('group')!r} "
+                    f"not in {list(groups)}"
+                )
     categories = list(tables["table2"].get("categories") or {})
     if len(categories) != 18:
         raise ValueError(
@@ -103,6 +129,19 @@ def validate_paper_tables(tables: Any, where: str) -> None:
                     f"{where}: table3 row {row.get('name_in_paper')!r}: {dataset} must have alphas "
                     f"{dataset_alphas}"
                 )
+
+
+def _validate_table1(table1: dict, where: str) -> None:
+    """Check Table 1: prompt keys empty/template/implicit, rows DIFT and SD+DINO* with one cell each."""
+    prompts = list(table1.get("prompts") or {})
+    if prompts != list(TABLE1_PROMPTS):
+        raise ValueError(f"{where}: table1.prompts must be {list(TABLE1_PROMPTS)}, got {prompts}")
+    methods = [row.get("method") for row in table1["rows"]]
+    if methods != list(TABLE1_ROWS):
+        raise ValueError(f"{where}: table1 rows must be {list(TABLE1_ROWS)}, got {methods}")
+    for row in table1["rows"]:
+        if list(row.get("pck") or {}) != prompts:
+            raise ValueError(f"{where}: table1 row {row['method']!r}: pck keys must be {prompts}")
 
 
 def paper_table3_row(method: str, trained_on: str | None = None) -> dict:
@@ -263,21 +302,23 @@ def _paper_table2_for_alpha(paper_row: str, alpha: float) -> dict:
     return paper_table2_row(paper_row)
 
 
-def _ours_per_category(summary_spair: pd.DataFrame, matching: str, alpha: float) -> dict[str, float]:
+def _ours_per_category(
+    summary_spair: pd.DataFrame, matching: str, alpha: float, where: str = "spair"
+) -> dict[str, float]:
     """Our PCK per image keyed by the paper's short category names + All (NaN for absent categories)."""
     short_names = spair_short_names()
-    _check_summary(summary_spair, "spair")
+    _check_summary(summary_spair, where)
     present = set(summary_spair["category"])
     unknown = sorted(present - set(short_names) - {ALL_CATEGORY})
     if unknown:
-        raise ValueError(f"summary spair: unknown categories {unknown}; expected SPair-71k categories")
+        raise ValueError(f"summary {where}: unknown categories {unknown}; expected SPair-71k categories")
     cells = {
-        short: summary_pck(summary_spair, category, matching, alpha, "spair")
+        short: summary_pck(summary_spair, category, matching, alpha, where)
         if category in present
         else math.nan
         for category, short in short_names.items()
     }
-    cells[ALL_CATEGORY] = summary_pck(summary_spair, ALL_CATEGORY, matching, alpha, "spair")
+    cells[ALL_CATEGORY] = summary_pck(summary_spair, ALL_CATEGORY, matching, alpha, where)
     return cells
 
 
@@ -362,21 +403,66 @@ def _format_cell(value: Any, signed: bool) -> str:
     return str(value)
 
 
+def _best_columns(row: pd.Series) -> set[str]:
+    """The columns a row is best-in-group for (from its ``best_in_group`` cell; empty when absent/NaN)."""
+    cell = row.get(BEST_COLUMN)
+    if not isinstance(cell, str) or not cell:
+        return set()
+    return set(cell.split(BEST_SEPARATOR))
+
+
 def markdown_table(df: pd.DataFrame) -> str:
-    """Render a table as a Markdown pipe table with numbers to 1 decimal (delta rows signed, NaN as "-")."""
-    header = "| " + " | ".join(str(column) for column in df.columns) + " |"
-    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    """Render a table as a Markdown pipe table with numbers to 1 decimal (delta rows signed, NaN as "-").
+
+    Best-in-group cells (the ``best_in_group`` column) are bolded, quoted rows are labelled "(quoted)", and
+    the ``citation`` / ``best_in_group`` columns are left out (write_table lists the citations below).
+    """
+    shown = [column for column in df.columns if column not in MARKDOWN_HIDDEN_COLUMNS]
+    header = "| " + " | ".join(str(column) for column in shown) + " |"
+    rule = "|" + "|".join("---" for _ in shown) + "|"
     body = []
     for _, row in df.iterrows():
         signed = row.get("source") == "delta"
-        body.append("| " + " | ".join(_format_cell(row[column], signed) for column in df.columns) + " |")
+        best = _best_columns(row)
+        cells = []
+        for column in shown:
+            text = _format_cell(row[column], signed)
+            if column == "method" and row.get("source") == QUOTED_SOURCE:
+                text += QUOTED_SUFFIX
+            cells.append(f"**{text}**" if column in best else text)
+        body.append("| " + " | ".join(cells) + " |")
     return "\n".join([header, rule, *body])
 
 
-LEGEND = (
-    "Legend: `ours` = this pipeline (PCK in %, per image); `paper` = the number quoted by the SD4Match paper "
-    "(its own evaluation convention); `delta` = ours − paper; `-` = not reported."
+QUOTED_LEGEND = (
+    "`quoted` = numbers copied from the SD4Match paper (each row cites its source); "
+    "not recomputed by this pipeline."
 )
+LEGEND = (
+    "Legend: `ours` = this pipeline (PCK in %, per image); `paper` = the SD4Match paper's number for a "
+    "method this pipeline also computes (its own evaluation convention); `delta` = ours − paper; "
+    "`-` = not reported."
+    "\n\n" + QUOTED_LEGEND + " Their PCK convention is that of the cited paper (`as reported`)."
+)
+BEST_NOTE = (
+    "**Bold** = best value of the column within the row's group (Z zero-shot, I image-level annotations, "
+    "K keypoint annotations), ranked over the `ours` and `quoted` rows at one decimal (ties all bold); "
+    "`paper` rows of methods this pipeline computes are not ranked."
+)
+BEST_NOTE_SPAIR_TUNED = "Rows tuned on SPair-71k are ranked only among themselves."
+
+
+def markdown_notes(df: pd.DataFrame) -> list[str]:
+    """Markdown paragraphs a table needs below it: the best-in-group rule and the quoted rows' sources."""
+    notes = []
+    if BEST_COLUMN in df.columns:
+        spair_tuned = TRAINED_ON_COLUMN in df.columns and (df[TRAINED_ON_COLUMN] == SPAIR_TUNED).any()
+        notes.append(BEST_NOTE + (" " + BEST_NOTE_SPAIR_TUNED if spair_tuned else ""))
+    if CITATION_COLUMN in df.columns:
+        citations = [c for c in dict.fromkeys(df[CITATION_COLUMN]) if isinstance(c, str) and c]
+        if citations:
+            notes.append("\n".join(["Sources:", *(f"- {citation}" for citation in citations)]))
+    return notes
 
 
 def provenance_sidecar_path(csv_path: str | os.PathLike[str]) -> Path:
@@ -392,7 +478,8 @@ def write_table(
     title: str,
     prov: Provenance,
 ) -> None:
-    """Write a table as CSV (+ ``<csv>.provenance.json``) and Markdown (title, provenance, table, legend)."""
+    """Write a table as CSV (+ ``<csv>.provenance.json``) and Markdown (title, provenance, table, notes,
+    legend)."""
     _check_provenance(prov)
     write_table_atomic(df, csv_path)
     sidecar = {
@@ -402,7 +489,8 @@ def write_table(
         **dataclasses.asdict(prov),
     }
     write_json_atomic(provenance_sidecar_path(csv_path), sidecar)
-    text = "\n\n".join([f"# {title}", provenance_header(prov), markdown_table(df), LEGEND]) + "\n"
+    parts = [f"# {title}", provenance_header(prov), markdown_table(df), *markdown_notes(df), LEGEND]
+    text = "\n\n".join(parts) + "\n"
     write_text_atomic(md_path, text)
 
 
@@ -461,3 +549,333 @@ def paper_cpm_variants(variants: dict[str, dict[str, Any]]) -> set[str]:
         for name, cfg in variants.items()
         if cfg["kind"] == "cpm" and all(cfg.get(key, value) == value for key, value in PAPER_CPM.items())
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The full paper tables: Table 1, and Tables 2/3 with every row, groups Z / I / K and best-in-group marks
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table2Entry:
+    """One method we compute, as a row of the full Table 2: group (Z/I/K), SPair-71k summary, matching,
+    and the paper's Table 2 row it reproduces (None: no paper row, e.g. an ablation)."""
+
+    group: str
+    summary: pd.DataFrame
+    matching: str
+    paper_row: str | None = None
+
+
+@dataclass
+class Table3Entry:
+    """One method we compute, as a row of the full Table 3: group, summaries per test set, matching, the
+    paper's Table 3 row and its training set (None for zero-shot; "pfpascal" or "spair")."""
+
+    group: str
+    summaries: dict[str, pd.DataFrame]
+    matching: str
+    paper_row: str | None = None
+    trained_on: str | None = None
+
+
+def _label_row(method: str, source: str) -> dict[str, Any]:
+    """The label cells (method, source, pck) of one row; quoted rows keep their papers' own PCK convention."""
+    return {"method": method, "source": source, "pck": QUOTED_PCK if source == QUOTED_SOURCE else PCK_VARIANT}
+
+
+def _check_matching(matching: str, where: str) -> None:
+    """Raise if ``matching`` is not one of the matching methods."""
+    if matching not in MATCHING_METHODS:
+        raise ValueError(f"{where}: unknown matching method {matching!r}; expected one of {MATCHING_METHODS}")
+
+
+def table1(summaries: dict[tuple[str, str], pd.DataFrame], matching: str = "nn") -> pd.DataFrame:
+    """Table 1: SPair-71k PCK@0.1 ("All", per image) of DIFT and SD+DINO* per prompt type: ours, paper, delta.
+
+    ``summaries`` maps (row, prompt) -> SPair-71k summary, row in {"DIFT", "SD+DINO*"}, prompt in
+    {"empty", "template", "implicit"}; cells not given (DIFT x implicit is "-" in the paper) are NaN.
+    Nearest-neighbour matching by default, as the zero-shot peers use.
+    """
+    spec = load_paper_tables()["table1"]
+    _check_matching(matching, "table1")
+    headers = dict(spec["prompts"])
+    for row, prompt in summaries:
+        if row not in TABLE1_ROWS or prompt not in headers:
+            raise ValueError(
+                f"table1: unknown key ({row!r}, {prompt!r}); rows {list(TABLE1_ROWS)}, "
+                f"prompts {list(headers)}"
+            )
+    columns = list(headers.values())
+    rows = []
+    for quoted in spec["rows"]:
+        method = quoted["method"]
+        ours = _label_row(f"{method} ({matching})", "ours")
+        for prompt, header in headers.items():
+            summary = summaries.get((method, prompt))
+            where = f"spair ({method}, {prompt})"
+            ours[header] = (
+                math.nan
+                if summary is None
+                else summary_pck(summary, ALL_CATEGORY, matching, float(spec["alpha"]), where)
+            )
+        paper = _label_row(quoted["name_in_paper"], "paper")
+        paper |= {headers[p]: math.nan if v is None else float(v) for p, v in quoted["pck"].items()}
+        rows += [ours, paper, _delta_row(ours, paper, columns)]
+    return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *columns])
+
+
+def _as_entry(value: Any, cls: type, label: str, where: str) -> Any:
+    """An entry given as a dataclass or as a plain tuple of its fields -> the dataclass."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, tuple):
+        return cls(*value)
+    raise ValueError(f"{where}: entry {label!r} must be a {cls.__name__} or a tuple of its fields")
+
+
+def _check_entry_row(label: str, group: str, paper: dict | None, groups: dict, where: str) -> None:
+    """Raise if an entry's group is unknown, or its paper row is a quoted literature row or in another
+    group."""
+    if group not in groups:
+        raise ValueError(f"{where}: entry {label!r}: unknown group {group!r}; expected one of {list(groups)}")
+    if paper is None:
+        return
+    if not paper["computed_by_us"]:
+        raise ValueError(
+            f"{where}: entry {label!r}: paper row {paper['method']!r} is a literature number quoted by the "
+            "paper (computed_by_us: false); this pipeline does not compute it"
+        )
+    if paper["group"] != group:
+        raise ValueError(
+            f"{where}: entry {label!r}: group {group!r} but paper row {paper['method']!r} is in group "
+            f"{paper['group']!r}"
+        )
+
+
+def _row_key(row: dict | None) -> tuple[str, str | None] | None:
+    """A paper row's identity in Tables 2/3: (method, training set); None for no row."""
+    return None if row is None else (row["method"], row.get("trained_on"))
+
+
+def _assemble_full_table(
+    spec_rows: list[dict],
+    groups: dict,
+    entries: dict[str, Any],
+    linked: dict[str, dict | None],
+    ours_row: Callable[[str, Any, dict | None], dict[str, Any]],
+    paper_row: Callable[[dict], dict[str, Any]],
+    columns: list[str],
+) -> list[dict[str, Any]]:
+    """Rows in the paper's order, grouped Z / I / K: each paper row (quoted, or ours + paper + delta for
+    methods we compute), then our rows without a paper row at the end of their group."""
+    rows: list[dict[str, Any]] = []
+    for group in groups:
+        for spec in (row for row in spec_rows if row["group"] == group):
+            paper = paper_row(spec)
+            mine = [label for label in entries if _row_key(linked[label]) == _row_key(spec)]
+            if not mine:
+                rows.append(paper)
+            for index, label in enumerate(mine):
+                ours = ours_row(label, entries[label], spec)
+                rows += [ours, paper] if index == 0 else [ours]
+                delta = _delta_row(ours, paper, columns)
+                rows.append({**ours, **delta, CITATION_COLUMN: ""})
+        for label, entry in entries.items():
+            if entry.group == group and linked[label] is None:
+                rows.append(ours_row(label, entry, None))
+    return rows
+
+
+def mark_best(df: pd.DataFrame, columns: list[str], ranking_sets: pd.Series) -> pd.Series:
+    """Per row, the columns (";"-joined, "" for none) where it holds the best value of its ranking set.
+
+    Only ``ours`` and ``quoted`` rows are ranked; values are compared at one decimal (as displayed), so ties
+    are all marked; NaN cells never win.
+    """
+    ranked = df["source"].isin(RANKED_SOURCES)
+    marks: dict[Any, list[str]] = {index: [] for index in df.index}
+    for key in pd.unique(ranking_sets[ranked]):
+        members = df.index[ranked & (ranking_sets == key)]
+        for column in columns:
+            values = df.loc[members, column].astype(float).round(1)
+            if values.notna().any():
+                for index in values.index[values == values.max()]:
+                    marks[index].append(column)
+    return pd.Series([BEST_SEPARATOR.join(marks[index]) for index in df.index], index=df.index, dtype=object)
+
+
+def table2_full(
+    ours: dict[str, Table2Entry | tuple[str, pd.DataFrame, str, str | None]],
+) -> pd.DataFrame:
+    """The paper's Table 2 (SPair-71k, PCK@0.1 per category + All) with every row, grouped Z / I / K.
+
+    ``ours`` maps a method label to (group, SPair-71k summary, matching, paper row or None). Methods we
+    compute get ours + paper + delta rows; literature rows are ``quoted`` with their citation;
+    ``best_in_group`` lists the columns where a row is best in its group.
+    """
+    spec = load_paper_tables()["table2"]
+    groups = dict(spec["groups"])
+    entries = {label: _as_entry(value, Table2Entry, label, "table2_full") for label, value in ours.items()}
+    linked = {
+        label: None if entry.paper_row is None else paper_table2_row(entry.paper_row)
+        for label, entry in entries.items()
+    }
+    for label, entry in entries.items():
+        _check_entry_row(label, entry.group, linked[label], groups, "table2_full")
+    short_names = dict(spec["categories"])
+    columns = [*short_names.values(), ALL_CATEGORY]
+    alpha = float(spec["alpha"])
+
+    def paper_row(row: dict) -> dict[str, Any]:
+        source = "paper" if row["computed_by_us"] else QUOTED_SOURCE
+        cells = {short: float(row["pck"][category]) for category, short in short_names.items()}
+        cells[ALL_CATEGORY] = float(row["pck"][ALL_CATEGORY])
+        return {GROUP_COLUMN: row["group"], **_label_row(row["name_in_paper"], source), **cells,
+                CITATION_COLUMN: row["citation"]}  # fmt: skip
+
+    def ours_row(label: str, entry: Table2Entry, row: dict | None) -> dict[str, Any]:
+        cells = _ours_per_category(entry.summary, entry.matching, alpha, where=f"spair ({label})")
+        return {GROUP_COLUMN: entry.group, **_label_row(f"{label} ({entry.matching})", "ours"), **cells,
+                CITATION_COLUMN: "" if row is None else row["citation"]}  # fmt: skip
+
+    rows = _assemble_full_table(spec["rows"], groups, entries, linked, ours_row, paper_row, columns)
+    table = pd.DataFrame(rows, columns=[GROUP_COLUMN, *LABEL_COLUMNS, *columns, CITATION_COLUMN])
+    table[BEST_COLUMN] = mark_best(table, columns, table[GROUP_COLUMN])
+    return table
+
+
+def _table3_paper_columns() -> list[tuple[str, float, str]]:
+    """(dataset, alpha, header) of the paper's Table 3 columns, e.g. ("spair", 0.1, "SPair-71k@0.1")."""
+    alphas = load_paper_tables()["table3"]["alphas"]
+    return [(d, float(a), _column_name(d, float(a))) for d in DATASET_NAMES for a in alphas[d]]
+
+
+def _check_table3_entry(label: str, entry: Table3Entry) -> None:
+    """Raise if an entry lacks a test-set summary or its training set does not fit its group."""
+    missing = [dataset for dataset in DATASET_NAMES if dataset not in entry.summaries]
+    if missing:
+        raise ValueError(f"table3_full: entry {label!r}: missing summaries for datasets {missing}")
+    if entry.trained_on not in (None, *TRAIN_SET_NAMES):
+        raise ValueError(
+            f"table3_full: entry {label!r}: trained_on {entry.trained_on!r} must be None or one of "
+            f"{list(TRAIN_SET_NAMES)}"
+        )
+    if (entry.group == "Z") != (entry.trained_on is None):
+        raise ValueError(
+            f"table3_full: entry {label!r}: group {entry.group!r} with trained_on {entry.trained_on!r} "
+            "(zero-shot rows have no training set, trained rows need one)"
+        )
+
+
+def _trained_on_name(trained_on: str | None) -> str:
+    """The training set as shown in Table 3: "PF-Pascal", "SPair-71k", or "-" for zero-shot."""
+    return ZERO_SHOT if trained_on is None else TRAIN_SET_NAMES[trained_on]
+
+
+def table3_full(
+    ours: dict[str, Table3Entry | tuple[str, dict[str, pd.DataFrame], str, str | None, str | None]],
+) -> pd.DataFrame:
+    """The paper's Table 3 (PF-Pascal / PF-Willow @0.05-0.15, SPair-71k @0.05/0.1) with every row.
+
+    ``ours`` maps a method label to (group, summaries per test set, matching, paper row or None, trained_on).
+    Methods we compute get ours + paper + delta rows, literature rows are ``quoted``; ``best_in_group`` marks
+    the best per group, where the rows tuned on SPair-71k are ranked only among themselves.
+    """
+    spec = load_paper_tables()["table3"]
+    groups = dict(spec["groups"])
+    entries = {label: _as_entry(value, Table3Entry, label, "table3_full") for label, value in ours.items()}
+    for label, entry in entries.items():
+        _check_table3_entry(label, entry)
+    linked = {
+        label: None if entry.paper_row is None else paper_table3_row(entry.paper_row, entry.trained_on)
+        for label, entry in entries.items()
+    }
+    for label, entry in entries.items():
+        _check_entry_row(label, entry.group, linked[label], groups, "table3_full")
+    cells_spec = _table3_paper_columns()
+    columns = [header for _, _, header in cells_spec]
+
+    def paper_row(row: dict) -> dict[str, Any]:
+        source = "paper" if row["computed_by_us"] else QUOTED_SOURCE
+        cells = {header: paper_table3_value(row, d, a) for d, a, header in cells_spec}
+        return {GROUP_COLUMN: row["group"], **_label_row(row["name_in_paper"], source),
+                TRAINED_ON_COLUMN: _trained_on_name(row["trained_on"]), **cells,
+                CITATION_COLUMN: row["citation"]}  # fmt: skip
+
+    def ours_row(label: str, entry: Table3Entry, row: dict | None) -> dict[str, Any]:
+        cells = {
+            header: summary_pck(entry.summaries[d], ALL_CATEGORY, entry.matching, a, where=f"{d} ({label})")
+            for d, a, header in cells_spec
+        }
+        return {GROUP_COLUMN: entry.group, **_label_row(f"{label} ({entry.matching})", "ours"),
+                TRAINED_ON_COLUMN: _trained_on_name(entry.trained_on), **cells,
+                CITATION_COLUMN: "" if row is None else row["citation"]}  # fmt: skip
+
+    rows = _assemble_full_table(spec["rows"], groups, entries, linked, ours_row, paper_row, columns)
+    label_columns = [GROUP_COLUMN, *LABEL_COLUMNS, TRAINED_ON_COLUMN]
+    table = pd.DataFrame(rows, columns=[*label_columns, *columns, CITATION_COLUMN])
+    ranking_sets = table[GROUP_COLUMN].where(
+        table[TRAINED_ON_COLUMN] != SPAIR_TUNED, table[GROUP_COLUMN] + f" (tuned on {SPAIR_TUNED})"
+    )
+    table[BEST_COLUMN] = mark_best(table, columns, ranking_sets)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the full tables from the pipeline's summary files (called by the Snakemake table rules)
+# ----------------------------------------------------------------------------------------------------------
+
+ZERO_SHOT_PAPER_ROWS = {"dino": "DINO", "dinov2": "DINOv2", "dift": "DIFT", "sddino": "SD+DINO"}
+
+
+def _read(path: str | os.PathLike[str]) -> pd.DataFrame:
+    return pd.read_csv(path)
+
+
+def table2_from_files(
+    zero_shot: dict[str, str],
+    sd4match: dict[str, str],
+    variants: dict[str, dict[str, Any]],
+    matching: str,
+    zero_shot_matching: str,
+) -> pd.DataFrame:
+    """Full Table 2 from summary files: zero-shot methods (keys of ZERO_SHOT_PAPER_ROWS) and SPair-tuned
+    SD4Match variants (the paper's CPM design maps to its CPM row; ablations get no paper row)."""
+    paper_cpm = paper_cpm_variants(variants)
+    entries: dict[str, Table2Entry] = {}
+    for method, path in zero_shot.items():
+        row = ZERO_SHOT_PAPER_ROWS[method]
+        entries[f"{row} ({zero_shot_matching})"] = Table2Entry("Z", _read(path), zero_shot_matching, row)
+    for variant, path in sd4match.items():
+        kind = variants[variant]["kind"]
+        paper_row = _paper_row_for(kind, variant in paper_cpm)
+        label = f"{PAPER_ROW_OF_KIND[kind]} [{variant}] ({matching})"
+        entries[label] = Table2Entry("K", _read(path), matching, paper_row)
+    return table2_full(entries)
+
+
+def table3_from_files(
+    zero_shot: dict[str, str],
+    runs: list[tuple[str, str]],
+    sd4match: dict[str, str],
+    variants: dict[str, dict[str, Any]],
+    matching: str,
+    zero_shot_matching: str,
+) -> pd.DataFrame:
+    """Full Table 3 from summary files keyed ``<method>/<dataset>`` (zero-shot) and
+    ``<trainset>/<variant>/<dataset>`` (SD4Match runs evaluated on all three test sets)."""
+    paper_cpm = paper_cpm_variants(variants)
+    entries: dict[str, Table3Entry] = {}
+    methods = sorted({key.split("/")[0] for key in zero_shot}, key=list(ZERO_SHOT_PAPER_ROWS).index)
+    for method in methods:
+        row = ZERO_SHOT_PAPER_ROWS[method]
+        summaries = {d: _read(zero_shot[f"{method}/{d}"]) for d in DATASET_NAMES}
+        entries[f"{row} ({zero_shot_matching})"] = Table3Entry("Z", summaries, zero_shot_matching, row)
+    for trainset, variant in runs:
+        kind = variants[variant]["kind"]
+        summaries = {d: _read(sd4match[f"{trainset}/{variant}/{d}"]) for d in DATASET_NAMES}
+        label = f"{PAPER_ROW_OF_KIND[kind]} [{variant}] ({matching})"
+        paper_row = _paper_row_for(kind, variant in paper_cpm)
+        entries[label] = Table3Entry("K", summaries, matching, paper_row, trained_on=trainset)
+    return table3_full(entries)

@@ -71,6 +71,20 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match="zero_shot.dift.model"):
         validate_config(cfg)
     cfg = paper_config()
+    cfg["zero_shot"]["dinov2"]["model"] = "sd21"
+    with pytest.raises(
+        ConfigError, match="key 'zero_shot.dinov2.model' must name a model of kind dino or dinov2"
+    ):
+        validate_config(cfg)
+    cfg = paper_config()
+    cfg["fig3a"]["cases"][2] = "single"
+    with pytest.raises(ConfigError, match="fig3a.cases.2"):
+        validate_config(cfg)
+    cfg = paper_config()
+    cfg["sd4match"]["train_sets"]["spair"].append("nope")
+    with pytest.raises(ConfigError, match="sd4match.train_sets.spair"):
+        validate_config(cfg)
+    cfg = paper_config()
     cfg["matching"]["methods"] = ["nn"]
     with pytest.raises(ConfigError, match="matching.reported"):
         validate_config(cfg)

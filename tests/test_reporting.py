@@ -448,3 +448,328 @@ def test_table3_sd4match_rows_pick_the_training_set() -> None:
     assert list(paper["PF-Pascal@0.05"]) == [84.4, 73.3]
     assert list(paper["SPair-71k@0.1"]) == [40.9, 75.5]
     assert table.iloc[0]["method"] == "SD4Match-CPM [cpm] (tuned on PF-Pascal) (kernel_softmax)"
+
+
+# ---------------------------------------------------------------------------------------------- full tables
+
+TABLE1_HEADERS = ["Empty String", "a photo of a {object category}", "Implicit Captioner"]
+# The row names of the paper's Tables 2 and 3, top to bottom (sd4match-paper.txt), and their groups.
+PAPER_TABLE2_ORDER = [
+    "DINO [3]", "DINOv2 [41]", "DIFT [50]", "SD+DINO [55]", "NCNet [44]", "SFNet [25]", "PMD [29]",
+    "CATs [4]", "PMNC [27]", "SemiMatch [22]", "Trans.Mat. [23]", "SCorSAN [18]", "SimSC-iBOT [30]",
+    "SD4Match-Single", "SD4Match-Class", "SD4Match-CPM",
+]  # fmt: skip
+PAPER_TABLE3_ORDER = [
+    "DINOv1 [3]", "DINOv2 [41]", "DIFT [50]", "SD+DINO [55]", "NCNet [44]", "SFNet [25]",
+    "PWarpC-NCNet [51]", "CATs [4]", "Trans.Mat [23].", "DHPF [39]", "SimSC-iBOT [30]", "SD4Match-Single",
+    "SD4Match-CPM", "SD4Match-Single (Tuned on SPair-71k)", "SD4Match-CPM (Tuned on SPair-71k)",
+]  # fmt: skip
+PAPER_TABLE3_COLUMNS = TABLE3_COLUMNS[:8]  # the paper reports SPair-71k at 0.05 and 0.1 only
+
+
+def _nn_all(value: float, kernel: float = 99.0) -> pd.DataFrame:
+    """An SPair summary with only the "All" rows at alpha 0.1: nn = value, kernel_softmax = kernel."""
+    return _summary({("All", "nn", 0.1): value, ("All", "kernel_softmax", 0.1): kernel})
+
+
+def test_table1_ours_paper_delta_and_missing_cell() -> None:
+    table = reporting.table1(
+        {
+            ("DIFT", "empty"): _nn_all(48.5),
+            ("DIFT", "template"): _nn_all(53.4),
+            ("SD+DINO*", "empty"): _nn_all(50.3),
+            ("SD+DINO*", "template"): _nn_all(51.0),
+            ("SD+DINO*", "implicit"): _nn_all(52.9),
+        }
+    )
+    assert list(table.columns) == ["method", "source", "pck", *TABLE1_HEADERS]
+    assert list(table["method"]) == [
+        "DIFT (nn)", "DIFT [50]", "ours − paper", "SD+DINO* (nn)", "SD+DINO* [55]", "ours − paper",
+    ]  # fmt: skip
+    assert list(table["source"]) == ["ours", "paper", "delta"] * 2
+    cells = table[TABLE1_HEADERS].to_numpy()
+    assert list(cells[0][:2]) == [48.5, 53.4] and list(cells[1][:2]) == [50.7, 52.9]
+    assert list(cells[2][:2]) == pytest.approx([-2.2, 0.5], abs=1e-9)
+    assert all(math.isnan(cells[i][2]) for i in range(3))  # DIFT x implicit captioner: "-" in the paper
+    assert list(cells[3]) == [50.3, 51.0, 52.9] and list(cells[4]) == [50.3, 52.2, 52.4]
+    assert list(cells[5]) == pytest.approx([0.0, -1.2, 0.5], abs=1e-9)
+
+
+def test_table1_matching_and_bad_keys() -> None:
+    table = reporting.table1({("DIFT", "empty"): _nn_all(48.5, kernel=61.0)}, matching="kernel_softmax")
+    assert table.iloc[0]["method"] == "DIFT (kernel_softmax)" and table.iloc[0]["Empty String"] == 61.0
+    assert math.isnan(table.iloc[0]["a photo of a {object category}"])
+    assert table[TABLE1_HEADERS].iloc[3].isna().all()  # SD+DINO* not computed: our row is all NaN
+    with pytest.raises(ValueError, match=r"table1: unknown key \('DIFT', 'caption'\)"):
+        reporting.table1({("DIFT", "caption"): _nn_all(1.0)})
+    with pytest.raises(ValueError, match=r"table1: unknown key \('SD\+DINO', 'empty'\)"):
+        reporting.table1({("SD+DINO", "empty"): _nn_all(1.0)})
+    with pytest.raises(ValueError, match="table1: unknown matching method 'argmax'"):
+        reporting.table1({}, matching="argmax")
+    with pytest.raises(
+        ValueError, match=r"summary spair \(DIFT, template\): .*method='nn', alpha=0.1; found 0"
+    ):
+        reporting.table1({("DIFT", "template"): _summary({("All", "nn", 0.05): 1.0})})
+
+
+def _row(table: pd.DataFrame, method: str) -> pd.Series:
+    """The one row of a table whose method label is ``method``."""
+    rows = table[table["method"] == method]
+    assert len(rows) == 1, method
+    return rows.iloc[0]
+
+
+def test_table2_full_without_ours_is_the_paper_table() -> None:
+    table = reporting.table2_full({})
+    assert list(table.columns) == [
+        "group", "method", "source", "pck", *PAPER_HEADERS, "All", "citation", "best_in_group",
+    ]  # fmt: skip
+    assert list(table["method"]) == PAPER_TABLE2_ORDER
+    assert list(table["group"]) == ["Z"] * 4 + ["I"] * 3 + ["K"] * 9
+    assert list(table["source"]) == ["paper"] * 4 + ["quoted"] * 9 + ["paper"] * 3
+    paper_rows = {row["name_in_paper"]: row for row in reporting.load_paper_tables()["table2"]["rows"]}
+    for _, row in table[table["source"] == "quoted"].iterrows():
+        quoted = paper_rows[row["method"]]
+        assert quoted["method"] in QUOTED and quoted["computed_by_us"] is False
+        assert [row[h] for h in PAPER_HEADERS] + [row["All"]] == list(quoted["pck"].values())
+        assert row["citation"] == quoted["citation"] and row["pck"] == "as reported"
+    # best in group, by hand from the paper's numbers: paper rows (methods we compute) are never ranked
+    best = dict(zip(table["method"], table["best_in_group"], strict=True))
+    assert best["SimSC-iBOT [30]"] == ";".join([h for h in PAPER_HEADERS if h != "Plant"] + ["All"])
+    assert best["SCorSAN [18]"] == "Plant"  # 48.8 beats SemiMatch 45.3 and SimSC-iBOT 45.2
+    assert best["SFNet [25]"] == "Aero;Bottle;Bus;Cat;Dog;Motor;Plant;Train"
+    assert best["PMD [29]"] == "Bike;Bird;Boat;Bottle;Car;Chair;Cow;Horse;Person;Sheep;TV;All"  # Bottle tie
+    assert best["NCNet [44]"] == ""
+    for method in [*PAPER_TABLE2_ORDER[:4], *PAPER_TABLE2_ORDER[-3:]]:
+        assert best[method] == "", method
+
+
+def _spair_constant(value: float, all_value: float, **overrides: float) -> pd.DataFrame:
+    """SPair summary (kernel_softmax, alpha 0.1): every category ``value`` unless overridden, All given."""
+    values = {(c, "kernel_softmax", 0.1): overrides.get(c, value) for c in SPAIR_CATEGORIES}
+    values[("All", "kernel_softmax", 0.1)] = all_value
+    return _summary(values)
+
+
+def _table2_ours(cpm_all: float) -> dict:
+    return {
+        "DIFT": reporting.Table2Entry("Z", _spair_constant(20.0, 52.0), "kernel_softmax", "DIFT"),
+        "SD+DINO*": reporting.Table2Entry("Z", _spair_summary(), "kernel_softmax"),
+        "SD4Match-CPM [cpm]": (
+            "K", _spair_constant(10.0, cpm_all, aeroplane=62.2, pottedplant=50.0), "kernel_softmax",
+            "SD4Match-CPM",
+        ),
+    }  # fmt: skip
+
+
+def test_table2_full_with_our_rows() -> None:
+    table = reporting.table2_full(_table2_ours(cpm_all=70.0))
+    assert list(table["method"]) == [
+        "DINO [3]", "DINOv2 [41]", "DIFT (kernel_softmax)", "DIFT [50]", "ours − paper", "SD+DINO [55]",
+        "SD+DINO* (kernel_softmax)", *PAPER_TABLE2_ORDER[4:15], "SD4Match-CPM [cpm] (kernel_softmax)",
+        "SD4Match-CPM", "ours − paper",
+    ]  # fmt: skip
+    assert list(table["group"]) == ["Z"] * 7 + ["I"] * 3 + ["K"] * 11
+    sources = list(table["source"])
+    assert sources[:7] == ["paper", "paper", "ours", "paper", "delta", "paper", "ours"]
+    assert sources[-3:] == ["ours", "paper", "delta"] and sources[7:16] == ["quoted"] * 9
+    dift, dift_delta = table.iloc[2], table.iloc[4]
+    assert [dift[h] for h in PAPER_HEADERS] == [20.0] * 18 and dift["All"] == 52.0
+    assert dift["citation"] == "[50] DIFT (Tang et al. 2023)"
+    assert dift_delta["All"] == pytest.approx(-0.9, abs=1e-9)
+    assert dift_delta["TV"] == pytest.approx(20.0 - 59.5, abs=1e-9)
+    cpm, cpm_delta = table.iloc[-3], table.iloc[-1]
+    assert cpm["Aero"] == 62.2 and cpm["Cow"] == 10.0 and cpm_delta["All"] == pytest.approx(-5.5, abs=1e-9)
+    assert _row(table, "SD+DINO* (kernel_softmax)")["citation"] == ""
+    assert math.isnan(_row(table, "SD+DINO* (kernel_softmax)")["Cow"])
+    # Z: DIFT (20 everywhere) beats SD+DINO* (0..17, Cow NaN) per category, SD+DINO* wins All (70 > 52)
+    best = dict(zip(table["method"], table["best_in_group"], strict=True))
+    assert best["DIFT (kernel_softmax)"] == ";".join(PAPER_HEADERS)
+    assert best["SD+DINO* (kernel_softmax)"] == "All"
+    assert best["DIFT [50]"] == "" and best["SD+DINO [55]"] == ""  # paper rows are not ranked
+    # K: our CPM ties SimSC-iBOT on Aero (62.2), beats SCorSAN on Plant (50.0 > 48.8) and all on All
+    assert best["SD4Match-CPM [cpm] (kernel_softmax)"] == "Aero;Plant;All"
+    assert best["SimSC-iBOT [30]"] == ";".join(h for h in PAPER_HEADERS if h != "Plant")
+    assert best["SCorSAN [18]"] == "" and best["SD4Match-CPM"] == "" and best["ours − paper"] == ""
+
+
+@pytest.mark.parametrize(
+    ("cpm_all", "all_best"),
+    [(70.0, {"ours"}), (63.54, {"ours", "SimSC"}), (63.44, {"SimSC"})],
+)
+def test_table2_full_best_all_in_group_k(cpm_all: float, all_best: set[str]) -> None:
+    # ranked at one decimal, as displayed: 63.54 shows as 63.5 and ties SimSC-iBOT's 63.5
+    table = reporting.table2_full(_table2_ours(cpm_all))
+    names = {"ours": "SD4Match-CPM [cpm] (kernel_softmax)", "SimSC": "SimSC-iBOT [30]"}
+    k_rows = table[table["group"] == "K"]
+    marked = set(k_rows.loc[k_rows["best_in_group"].str.split(";").apply(lambda c: "All" in c), "method"])
+    assert marked == {names[key] for key in all_best}
+
+
+def test_table2_full_bad_entries() -> None:
+    summary = _spair_constant(1.0, 1.0)
+    with pytest.raises(ValueError, match="entry 'x': paper row 'NCNet' is a literature number quoted"):
+        reporting.table2_full({"x": ("I", summary, "kernel_softmax", "NCNet")})
+    with pytest.raises(ValueError, match="entry 'x': group 'Z' but paper row 'SD4Match-CPM' is in group 'K'"):
+        reporting.table2_full({"x": ("Z", summary, "kernel_softmax", "SD4Match-CPM")})
+    with pytest.raises(ValueError, match="entry 'x': unknown group 'Q'"):
+        reporting.table2_full({"x": ("Q", summary, "kernel_softmax", None)})
+    with pytest.raises(ValueError, match="paper Table 2 has no row for method 'DHPF'"):
+        reporting.table2_full({"x": ("K", summary, "kernel_softmax", "DHPF")})
+    with pytest.raises(ValueError, match=r"summary spair \(x\): .*category='aeroplane', method='nn'"):
+        reporting.table2_full({"x": ("Z", summary, "nn", "DIFT")})
+    with pytest.raises(ValueError, match="entry 'x' must be a Table2Entry or a tuple"):
+        reporting.table2_full({"x": ["Z", summary, "nn", "DIFT"]})
+
+
+def _pf_summaries(pfwillow: list[float]) -> dict[str, pd.DataFrame]:
+    """Summaries per test set (kernel_softmax, All) as in ``_summaries`` but with PF-Willow values given."""
+    return _summaries() | {"pfwillow": _all_rows(pfwillow)}
+
+
+def test_table3_full_without_ours_is_the_paper_table() -> None:
+    table = reporting.table3_full({})
+    assert list(table.columns) == [
+        "group", "method", "source", "pck", "trained_on", *PAPER_TABLE3_COLUMNS, "citation", "best_in_group",
+    ]  # fmt: skip
+    assert list(table["method"]) == PAPER_TABLE3_ORDER
+    assert list(table["group"]) == ["Z"] * 4 + ["I"] * 3 + ["K"] * 8
+    assert list(table["source"]) == ["paper"] * 4 + ["quoted"] * 7 + ["paper"] * 4
+    assert list(table["trained_on"]) == ["-"] * 4 + ["PF-Pascal"] * 9 + ["SPair-71k"] * 2
+    paper_rows = {row["name_in_paper"]: row for row in reporting.load_paper_tables()["table3"]["rows"]}
+    for _, row in table[table["source"] == "quoted"].iterrows():
+        quoted = paper_rows[row["method"]]
+        assert quoted["method"] in QUOTED and quoted["computed_by_us"] is False
+        expected = [v for d in ("pfpascal", "pfwillow", "spair") for v in quoted["pck"][d].values()]
+        cells = [None if math.isnan(row[c]) else row[c] for c in PAPER_TABLE3_COLUMNS]
+        assert cells == expected, row["method"]
+        assert row["citation"] == quoted["citation"]
+    best = dict(zip(table["method"], table["best_in_group"], strict=True))
+    assert best["SFNet [25]"] == "PF-Pascal@0.15;PF-Willow@0.05"
+    assert best["PWarpC-NCNet [51]"] == (
+        "PF-Pascal@0.05;PF-Pascal@0.1;PF-Willow@0.1;PF-Willow@0.15;SPair-71k@0.05;SPair-71k@0.1"
+    )
+    assert best["NCNet [44]"] == ""
+    assert best["SimSC-iBOT [30]"] == ";".join(PAPER_TABLE3_COLUMNS)
+    assert best["CATs [4]"] == best["Trans.Mat [23]."] == best["DHPF [39]"] == ""
+
+
+def test_table3_full_with_our_rows_and_spair_tuned_ranking() -> None:
+    table = reporting.table3_full(
+        {
+            "DIFT": reporting.Table3Entry("Z", _summaries(), "kernel_softmax", "DIFT"),
+            "SD4Match-CPM [cpm] (tuned on PF-Pascal)": (
+                "K", _pf_summaries([50.0, 80.0, 95.0]), "kernel_softmax", "SD4Match-CPM", "pfpascal",
+            ),
+            "SD4Match-Single [single] (tuned on SPair-71k)": reporting.Table3Entry(
+                "K", _summaries(), "kernel_softmax", "SD4Match-Single", "spair"
+            ),
+        }
+    )  # fmt: skip
+    assert list(table["method"]) == [
+        "DINOv1 [3]", "DINOv2 [41]", "DIFT (kernel_softmax)", "DIFT [50]", "ours − paper", "SD+DINO [55]",
+        *PAPER_TABLE3_ORDER[4:12], "SD4Match-CPM [cpm] (tuned on PF-Pascal) (kernel_softmax)", "SD4Match-CPM",
+        "ours − paper", "SD4Match-Single [single] (tuned on SPair-71k) (kernel_softmax)",
+        "SD4Match-Single (Tuned on SPair-71k)", "ours − paper", "SD4Match-CPM (Tuned on SPair-71k)",
+    ]  # fmt: skip
+    dift, delta = table.iloc[2], table.iloc[4]
+    assert [dift[c] for c in PAPER_TABLE3_COLUMNS] == [40.0, 50.0, 60.0, 30.0, 68.0, 90.0, 20.0, 25.5]
+    assert dift["trained_on"] == "-" and delta["trained_on"] == "-"
+    assert [delta[c] for c in PAPER_TABLE3_COLUMNS] == pytest.approx(
+        [40.0 - 69.0, 50.0 - 82.2, 60.0 - 88.1, 30.0 - 44.8, 0.0, 90.0 - 79.8, 20.0 - 39.7, 25.5 - 52.9],
+        abs=1e-9,
+    )
+    cpm_delta = table.iloc[16]
+    assert cpm_delta["PF-Willow@0.15"] == pytest.approx(95.0 - 91.2, abs=1e-9)
+    single, single_paper = table.iloc[17], table.iloc[18]
+    assert single["trained_on"] == single_paper["trained_on"] == "SPair-71k"
+    assert single_paper["PF-Pascal@0.05"] == 71.8 and single_paper["source"] == "paper"
+    best = dict(zip(table["method"], table["best_in_group"], strict=True))
+    assert best["DIFT (kernel_softmax)"] == ";".join(PAPER_TABLE3_COLUMNS)  # the only ranked Z row
+    # K (trained on PF-Pascal): our CPM wins PF-Willow (50/80/95 > SimSC-iBOT 44.9/71.4/84.5), not the rest
+    assert best["SD4Match-CPM [cpm] (tuned on PF-Pascal) (kernel_softmax)"] == (
+        "PF-Willow@0.05;PF-Willow@0.1;PF-Willow@0.15"
+    )
+    assert best["SimSC-iBOT [30]"] == (
+        "PF-Pascal@0.05;PF-Pascal@0.1;PF-Pascal@0.15;SPair-71k@0.05;SPair-71k@0.1"
+    )
+    # SPair-tuned rows are ranked only among themselves: our Single row is their only ranked member
+    assert best["SD4Match-Single [single] (tuned on SPair-71k) (kernel_softmax)"] == ";".join(
+        PAPER_TABLE3_COLUMNS
+    )
+
+
+def test_table3_full_bad_entries() -> None:
+    with pytest.raises(ValueError, match="entry 'x': group 'Z' with trained_on 'pfpascal'"):
+        reporting.table3_full({"x": ("Z", _summaries(), "kernel_softmax", "DIFT", "pfpascal")})
+    with pytest.raises(ValueError, match="entry 'x': group 'K' with trained_on None"):
+        reporting.table3_full({"x": ("K", _summaries(), "kernel_softmax", None, None)})
+    with pytest.raises(ValueError, match="entry 'x': trained_on 'pfwillow' must be None or one of"):
+        reporting.table3_full({"x": ("K", _summaries(), "kernel_softmax", None, "pfwillow")})
+    without_willow = {k: v for k, v in _summaries().items() if k != "pfwillow"}
+    with pytest.raises(ValueError, match=r"entry 'x': missing summaries for datasets \['pfwillow'\]"):
+        reporting.table3_full({"x": ("Z", without_willow, "kernel_softmax", "DIFT", None)})
+    with pytest.raises(ValueError, match="entry 'x': paper row 'DHPF' is a literature number quoted"):
+        reporting.table3_full({"x": ("K", _summaries(), "kernel_softmax", "DHPF", "pfpascal")})
+    with pytest.raises(ValueError, match="pass trained_on"):
+        reporting.table3_full({"x": ("Z", _summaries(), "kernel_softmax", "SD4Match-CPM", None)})
+
+
+def test_write_full_table2_markdown_and_numeric_csv(tmp_path: Path) -> None:
+    table = reporting.table2_full(_table2_ours(cpm_all=70.0))
+    csv_path, md_path = tmp_path / "table2_full.csv", tmp_path / "table2_full.md"
+    reporting.write_table(table, csv_path, md_path, "Table 2 (full)", _provenance(demo=False))
+
+    back = pd.read_csv(csv_path)
+    assert list(back.columns) == list(table.columns)
+    assert all(pd.api.types.is_float_dtype(back[c]) for c in [*PAPER_HEADERS, "All"])
+    assert back.loc[back["method"] == "SCorSAN [18]", "Plant"].item() == 48.8
+    assert back.loc[back["method"] == "PMD [29]", "best_in_group"].item().split(";")[:2] == ["Bike", "Bird"]
+
+    md = md_path.read_text(encoding="utf-8")
+    lines = md.splitlines()
+    assert "- Config hash: `abc123`" in lines  # the provenance header is kept
+    header = next(line for line in lines if line.startswith("| group |"))
+    assert header == "| group | method | source | pck | " + " | ".join(PAPER_HEADERS) + " | All |"
+    assert (
+        "| I | NCNet [44] (quoted) | quoted | as reported | 17.9 | 12.2 | 32.1 | 11.7 | 29.0 | 19.9 | 16.1 "
+        "| 39.2 | 9.9 | 23.9 | 18.8 | 15.7 | 17.4 | 15.9 | 14.8 | 9.6 | 24.2 | 31.1 | 20.1 |" in lines
+    )
+    assert (
+        "| I | PMD [29] (quoted) | quoted | as reported | 26.2 | **18.5** | **48.6** | **15.3** "
+        "| **38.0** | 21.7 | **17.3** | 51.6 | **13.7** | **34.3** | 25.4 | **18.0** | 20.0 | **24.9** "
+        "| 15.7 | **16.3** | 31.4 | **38.1** | **26.5** |" in lines
+    )
+    assert (
+        "| K | SD4Match-CPM [cpm] (kernel_softmax) | ours | per image | **62.2** | "
+        + " | ".join(["10.0"] * 13)
+        + " | **50.0** | 10.0 | 10.0 | 10.0 | **70.0** |"
+        in lines
+    )
+    assert "| K | SD4Match-CPM | paper | per image | 75.3 |" in md and "SD4Match-CPM (quoted)" not in md
+    assert reporting.BEST_NOTE in lines and reporting.BEST_NOTE_SPAIR_TUNED not in md
+    assert "- [44] NCNet (Rocco et al. 2018)" in lines and "- [50] DIFT (Tang et al. 2023)" in lines
+    assert (
+        "`quoted` = numbers copied from the SD4Match paper (each row cites its source); "
+        "not recomputed by this pipeline." in md
+    )
+    assert md.rstrip().endswith(reporting.LEGEND)
+
+
+def test_markdown_full_table3_and_table1() -> None:
+    table3 = reporting.table3_full({})
+    md3 = reporting.markdown_table(table3)
+    assert (
+        "| K | Trans.Mat [23]. (quoted) | quoted | as reported | PF-Pascal | 80.8 | 91.8 | - | - | 65.3 "
+        "| - | - | 30.1 |" in md3.splitlines()
+    )
+    assert reporting.markdown_notes(table3)[0] == reporting.BEST_NOTE + " " + reporting.BEST_NOTE_SPAIR_TUNED
+    table1 = reporting.table1({("DIFT", "empty"): _nn_all(48.5)})
+    md1 = reporting.markdown_table(table1).splitlines()
+    assert md1[0] == "| method | source | pck | " + " | ".join(TABLE1_HEADERS) + " |"
+    assert md1[2:5] == [
+        "| DIFT (nn) | ours | per image | 48.5 | - | - |",
+        "| DIFT [50] | paper | per image | 50.7 | 52.9 | - |",
+        "| ours − paper | delta | per image | -2.2 | - | - |",
+    ]
+    assert reporting.markdown_notes(table1) == []

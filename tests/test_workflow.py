@@ -54,16 +54,25 @@ def empty_workdir(tmp_path: Path) -> Path:
 
 PAPER_JOBS = {
     "fetch_dataset": 3,
-    "resolve_model": 2,  # SD 2-1, DINOv2
+    "fetch_captioner": 1,
+    "resolve_model": 5,  # SD 2-1, SD 1-5, DINOv2, DINO, CLIP ViT-L/14-336
     "pairs_table": 7,  # three test splits + SPair and PF-Pascal trn/val
-    "evaluate_dift": 3,
+    # DIFT x3, DIFT-empty, DINO x3, DINOv2 x3, SD+DINO x3, SD+DINO* x3 (Table 1), DIFT at 11 t (Fig. 3b)
+    "evaluate_zero_shot": 27,
     "latent_cache": 2,  # SPair, PF-Pascal (trn + val images)
     "dino_cache": 5,  # trn+val of the two training sets, test of the three test sets (CPM)
-    "train_prompt": 5,  # SPair: Single, Class, CPM; PF-Pascal: Single, CPM
-    "evaluate_prompt": 13,  # 4 runs x 3 test sets + Class on SPair only
+    "train_prompt": 10,  # SPair: Single, Class, CPM + 5 Fig. 3a cases; PF-Pascal: Single, CPM
+    "evaluate_prompt": 18,  # 4 runs x 3 test sets + Class on SPair + 5 ablations on SPair
+    "evaluate_prompt_timestep": 11,  # Fig. 3b grid
     "table_zero_shot_dift": 1,
-    "table2_sd4match": 1,
-    "table3_sd4match": 1,
+    "table1": 1,
+    "table2": 1,
+    "table3": 1,
+    "fig3a": 1,
+    "fig3b": 1,
+    "fig4": 1,
+    "fig5": 1,
+    "qualitative": 1,
     "all": 1,
 }
 
@@ -77,8 +86,10 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     counts = dry_run(
         "-d", str(empty_workdir), "--configfile", "config.yaml", "profiles/demo/world.yaml", cwd=empty_workdir
     )
-    demo_jobs = {"demo_datasets": 1, "tiny_model": 2}
-    assert counts == PAPER_JOBS | demo_jobs | {"total": sum(PAPER_JOBS.values()) + 3}
+    # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 4 timesteps
+    demo = PAPER_JOBS | {"evaluate_zero_shot": 27 - 7, "evaluate_prompt_timestep": 4}
+    demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1}
+    assert counts == demo | {"total": sum(demo.values())}
 
 
 def test_one_target_plans_only_its_jobs(empty_workdir: Path):
@@ -89,7 +100,7 @@ def test_one_target_plans_only_its_jobs(empty_workdir: Path):
         "fetch_dataset": 1,
         "resolve_model": 1,
         "pairs_table": 1,
-        "evaluate_dift": 1,
+        "evaluate_zero_shot": 1,
         "total": 4,
     }
 
@@ -107,6 +118,26 @@ def test_one_training_run_plans_only_its_jobs(empty_workdir: Path):
         "evaluate_prompt": 1,
         "total": 9,
     }
+
+
+def test_one_ablation_target_plans_only_its_jobs(empty_workdir: Path):
+    counts = dry_run("-d", str(empty_workdir), "ablation_cpm_no_gn", cwd=empty_workdir)
+    assert counts == {
+        "fetch_dataset": 1,
+        "resolve_model": 2,
+        "pairs_table": 3,
+        "latent_cache": 1,
+        "dino_cache": 2,
+        "train_prompt": 1,
+        "evaluate_prompt": 1,
+        "ablation_cpm_no_gn": 1,
+        "total": 12,
+    }
+
+
+def test_named_table_target_plans_no_training(empty_workdir: Path):
+    counts = dry_run("-d", str(empty_workdir), "table1", cwd=empty_workdir)
+    assert counts["table1"] == 1 and counts["evaluate_zero_shot"] == 5 and "train_prompt" not in counts
 
 
 def test_bad_config_value_stops_before_any_job(empty_workdir: Path):
@@ -133,15 +164,25 @@ def test_demo_dag_runs_end_to_end(empty_workdir: Path):
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     out = empty_workdir / "results/demo"
-    for table_name in ("zero_shot_dift", "table2_sd4match", "table3_sd4match"):
+    for table_name in ("zero_shot_dift", "table1", "table2", "table3", "fig3a", "fig3b"):
         assert "DEMO RUN" in (out / f"tables/{table_name}.md").read_text()
+    for figure in ("fig3a", "fig3b", "fig4", "fig5", "qualitative"):
+        assert (out / f"figures/{figure}.png").stat().st_size > 0
+        assert (out / f"figures/{figure}.pdf").stat().st_size > 0
+    table2 = pd.read_csv(out / "tables/table2.csv")
+    assert {"ours", "paper", "delta", "quoted"} <= set(table2["source"])
     table = pd.read_csv(out / "tables/zero_shot_dift.csv")
     assert set(table["source"]) == {"ours", "paper", "delta"}
     for dataset in ("spair", "pfpascal", "pfwillow"):
         pairs = pd.read_parquet(out / f"pairs/{dataset}_test.parquet")
-        per_pair = pd.read_csv(out / f"zero_shot/dift/{dataset}/per_pair.csv")
+        per_pair = pd.read_csv(out / f"zero_shot/dift/{dataset}/per_pair.csv")  # DIFT, 3 methods x 3 alphas
         # every pair scored once per matching method and alpha
         assert len(per_pair) == len(pairs) * 3 * 3
         assert per_pair["pck"].between(0, 100).all()
-    for log in ("demo/demo_datasets.log", "data/fetch_spair.log", "zero_shot/dift_spair.log"):
+    for log in (
+        "demo/demo_datasets.log",
+        "data/fetch_spair.log",
+        "zero_shot/dift_spair.log",
+        "train/spair_cpm.log",
+    ):
         assert (empty_workdir / "logs" / log).exists()

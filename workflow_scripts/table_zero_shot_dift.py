@@ -3,31 +3,17 @@
 import pandas as pd
 
 from sd4match.logs import log_to
-from sd4match.provenance import code_version, model_revisions
-from sd4match.reporting import Provenance, protocol_description, write_table, zero_shot_table
+from sd4match.provenance import build_provenance
+from sd4match.reporting import write_table, zero_shot_table
 
 with log_to(snakemake.log[0]):  # noqa: F821
-    p = snakemake.params  # noqa: F821
-    summaries = {
-        dataset: pd.read_csv(path)
-        for dataset, path in zip(p.datasets, snakemake.input.summaries, strict=True)  # noqa: F821
-    }
-    prov = Provenance(
-        config_hash=p.config_hash,
-        models=model_revisions(snakemake.input.models),  # noqa: F821
-        code_version=code_version(),
-        demo=p.demo,
-        protocol=protocol_description(p.image_size),
-    )
-    reported = p.matching["reported"]
-    others = tuple(m for m in p.matching["methods"] if m != reported)
+    i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+    summaries = {dataset: pd.read_csv(path) for dataset, path in zip(p.datasets, i.summaries, strict=True)}
+    others = tuple(m for m in p.matching["methods"] if m != p.reported)
     table = zero_shot_table(
-        summaries, "DIFT", reported, paper_row="DIFT", per_keypoint=True, other_matchings=others
+        summaries, "DIFT", p.reported, paper_row="DIFT", per_keypoint=True, other_matchings=others
     )
+    prov = build_provenance(record_paths=i.models, **p.provenance)
     write_table(
-        table,
-        snakemake.output.csv,  # noqa: F821
-        snakemake.output.md,  # noqa: F821
-        title=f"Zero-shot DIFT ({p.matching['reported']} matching) — paper Table 3 layout",
-        prov=prov,
+        table, o.csv, o.md, title=f"Zero-shot DIFT ({p.reported} matching) — paper Table 3 layout", prov=prov
     )

@@ -1,0 +1,140 @@
+"""The paper's figures: Fig. 3a (CPM ablation), Fig. 3b (timesteps), Fig. 4/5 (prompt images), matches."""
+
+
+rule fig3a:
+    input:
+        summaries=list(fig3a_summaries().values()),
+        models=[model_record(SD4["model"]), model_record(SD4["dino_model"])],
+    output:
+        png=report(
+            f"{OUT}/figures/fig3a.png",
+            caption="../report/fig3a.rst",
+            category="Figures",
+        ),
+        pdf=f"{OUT}/figures/fig3a.pdf",
+        csv=f"{OUT}/tables/fig3a.csv",
+        md=f"{OUT}/tables/fig3a.md",
+    log:
+        "logs/figures/fig3a.log",
+    conda:
+        CONDA_ENV
+    params:
+        summary_paths=fig3a_summaries(),
+        matching=config["matching"]["reported"],
+        provenance=PROVENANCE,
+    script:
+        "../workflow_scripts/fig3a.py"
+
+
+rule fig3b:
+    input:
+        sd4match=[timestep_summary(t) for t in FIG3B["timesteps"]],
+        baseline=[
+            zero_shot_summary(f"{FIG3B['baseline']}_t{t}", "spair")
+            for t in FIG3B["timesteps"]
+        ],
+        models=[model_record(SD4["model"]), model_record(SD4["dino_model"])],
+    output:
+        png=report(
+            f"{OUT}/figures/fig3b.png",
+            caption="../report/fig3b.rst",
+            category="Figures",
+        ),
+        pdf=f"{OUT}/figures/fig3b.pdf",
+        csv=f"{OUT}/tables/fig3b.csv",
+        md=f"{OUT}/tables/fig3b.md",
+    log:
+        "logs/figures/fig3b.log",
+    conda:
+        CONDA_ENV
+    params:
+        sd4match={t: timestep_summary(t) for t in FIG3B["timesteps"]},
+        baseline={
+            t: zero_shot_summary(f"{FIG3B['baseline']}_t{t}", "spair")
+            for t in FIG3B["timesteps"]
+        },
+        labels=(f"SD4Match ({FIG3B['variant']})", f"{FIG3B['baseline']} (zero-shot)"),
+        matching=config["matching"]["reported"],
+        provenance=PROVENANCE,
+    script:
+        "../workflow_scripts/fig3b.py"
+
+
+rule fig4:
+    input:
+        prompt=prompt_file("spair", "class"),
+        sd_model=model_record(SD4["model"]),
+    output:
+        png=report(
+            f"{OUT}/figures/fig4.png", caption="../report/fig4.rst", category="Figures"
+        ),
+        pdf=f"{OUT}/figures/fig4.pdf",
+    log:
+        "logs/figures/fig4.log",
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=config["gpu"]["figure"],
+    params:
+        categories=FIGS["fig4_categories"],
+        generation=FIGS["generation"],
+        provenance=PROVENANCE,
+    script:
+        "../workflow_scripts/fig4.py"
+
+
+rule fig5:
+    input:
+        prompt=prompt_file("spair", "cpm"),
+        sd_model=model_record(SD4["model"]),
+        dino_cache=dino_cache("spair", "test"),
+        pairs=pairs_table("spair", "test"),
+        data=fetch_record("spair"),
+    output:
+        png=report(
+            f"{OUT}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"
+        ),
+        pdf=f"{OUT}/figures/fig5.pdf",
+    log:
+        "logs/figures/fig5.log",
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=config["gpu"]["figure"],
+    params:
+        n_pairs=FIGS["fig5_pairs"],
+        generation=FIGS["generation"],
+        provenance=PROVENANCE,
+    script:
+        "../workflow_scripts/fig5.py"
+
+
+rule qualitative:
+    input:
+        prompt=prompt_file("spair", "cpm"),
+        sd_model=model_record(SD4["model"]),
+        dino_cache=dino_cache("spair", "test"),
+        pairs=pairs_table("spair", "test"),
+        data=fetch_record("spair"),
+    output:
+        png=report(
+            f"{OUT}/figures/qualitative.png",
+            caption="../report/qualitative.rst",
+            category="Figures",
+        ),
+        pdf=f"{OUT}/figures/qualitative.pdf",
+    log:
+        "logs/figures/qualitative.log",
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=config["gpu"]["figure"],
+    params:
+        n_pairs=FIGS["qualitative_pairs"],
+        evaluation=SD4["evaluation"],
+        matching=config["matching"],
+        image_size=config["image_size"],
+        seed=config["seed"],
+        provenance=PROVENANCE,
+    script:
+        "../workflow_scripts/qualitative.py"

@@ -1,0 +1,194 @@
+"""Build the paper's figures from pipeline outputs: Fig. 3a/3b tables + plots, Fig. 4/5 generations, matches.
+
+Each ``make_*`` function is what a Snakemake figure rule calls; it reads summaries, prompts and caches,
+writes PNG + PDF (and the figure's table as CSV + Markdown where it has one) and a provenance sidecar.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from sd4match.caches import DinoCache
+from sd4match.data_sources import read_location
+from sd4match.datasets import read_pairs_table
+from sd4match.evaluation import MatchingSettings, conditional_pair_features, predict_pair
+from sd4match.features import SDFeaturizer
+from sd4match.figures import (
+    fig3a_cpm_ablation,
+    fig3b_timesteps,
+    match_panel,
+    prompt_generation_grid,
+    qualitative_matches,
+    timestep_rows,
+)
+from sd4match.generation import (
+    GenerationSettings,
+    class_prompt_images,
+    cpm_prompt_images,
+    fig4_rows,
+    fig5_rows,
+)
+from sd4match.io import write_json_atomic
+from sd4match.models import load_stable_diffusion, read_model_record
+from sd4match.prompt_learning import load_prompt
+from sd4match.reporting import Provenance, write_table
+
+
+def _sidecar(png: str | Path, prov: Provenance, what: str) -> None:
+    """Provenance of a figure beside its PNG (config hash, models, code version, demo flag, protocol)."""
+    write_json_atomic(f"{png}.provenance.json", {"figure": what, **prov.__dict__})
+
+
+def make_fig3a(
+    summary_paths: dict[str, str],
+    png: str,
+    pdf: str,
+    csv: str,
+    md: str,
+    matching: str,
+    prov: Provenance,
+) -> pd.DataFrame:
+    """Fig. 3a: PCK@0.1 on SPair-71k of the six CPM conditioning cases, ours beside the paper's."""
+    summaries = {int(case): pd.read_csv(path) for case, path in summary_paths.items()}
+    table = fig3a_cpm_ablation(summaries, png, pdf, prov.demo, matching)
+    write_table(table, csv, md, title="Fig. 3a — CPM conditioning ablation, SPair-71k PCK@0.1", prov=prov)
+    _sidecar(png, prov, "fig3a")
+    return table
+
+
+def make_fig3b(
+    sd4match_paths: dict[int, str],
+    baseline_paths: dict[int, str],
+    labels: tuple[str, str],
+    png: str,
+    pdf: str,
+    csv: str,
+    md: str,
+    matching: str,
+    prov: Provenance,
+) -> pd.DataFrame:
+    """Fig. 3b: PCK@0.1 on SPair-71k over the timestep grid, SD4Match vs the DIFT baseline."""
+    summaries = {(labels[0], int(t)): pd.read_csv(p) for t, p in sd4match_paths.items()}
+    summaries |= {(labels[1], int(t)): pd.read_csv(p) for t, p in baseline_paths.items()}
+    rows = timestep_rows(summaries, matching)
+    table = fig3b_timesteps(rows, png, pdf, prov.demo, matching)
+    write_table(table, csv, md, title="Fig. 3b — PCK@0.1 on SPair-71k by timestep", prov=prov)
+    _sidecar(png, prov, "fig3b")
+    return table
+
+
+def generation_settings(cfg: dict[str, Any]) -> GenerationSettings:
+    """GenerationSettings from the config's ``figures.generation`` block."""
+    return GenerationSettings(
+        n_images=cfg["n_images"],
+        steps=cfg["steps"],
+        guidance_scale=cfg["guidance_scale"],
+        seed=cfg["seed"],
+        height=cfg["size"],
+        width=cfg["size"],
+    )
+
+
+def make_fig4(
+    prompt_path: str,
+    sd_record: str,
+    categories: list[str],
+    gen: dict,
+    png: str,
+    pdf: str,
+    prov: Provenance,
+    device: str,
+) -> None:
+    """Fig. 4: images SD generates from the learned SD4Match-Class prompts of selected categories."""
+    components = load_stable_diffusion(read_model_record(sd_record).local_path, device=device)
+    images = class_prompt_images(prompt_path, components, categories, generation_settings(gen))
+    prompt_generation_grid(
+        fig4_rows(images),
+        png,
+        pdf,
+        title="Fig. 4 — images generated from learned SD4Match-Class prompts",
+        caption=f"prompt: {prompt_path}; {gen['steps']} DDIM steps, guidance {gen['guidance_scale']}",
+        demo=prov.demo,
+    )
+    _sidecar(png, prov, "fig4")
+
+
+def make_fig5(
+    prompt_path: str,
+    sd_record: str,
+    dino_cache_path: str,
+    pairs_path: str,
+    location_path: str,
+    n_pairs: int,
+    gen: dict,
+    png: str,
+    pdf: str,
+    prov: Provenance,
+    device: str,
+) -> None:
+    """Fig. 5: images SD generates from the CPM prompts of selected pairs, next to the pair."""
+    components = load_stable_diffusion(read_model_record(sd_record).local_path, device=device)
+    pairs = read_pairs_table(pairs_path).head(n_pairs)
+    dino = DinoCache.load(dino_cache_path, expect_meta={"kind": "dino"})
+    generations = cpm_prompt_images(prompt_path, components, dino, pairs, generation_settings(gen))
+    prompt_generation_grid(
+        fig5_rows(generations, read_location(location_path).root),
+        png,
+        pdf,
+        title="Fig. 5 — images generated from SD4Match-CPM prompts of image pairs",
+        caption=f"prompt: {prompt_path}; columns: source, target, generated",
+        demo=prov.demo,
+    )
+    _sidecar(png, prov, "fig5")
+
+
+def make_qualitative(
+    prompt_path: str,
+    sd_record: str,
+    dino_cache_path: str,
+    pairs_path: str,
+    location_path: str,
+    n_pairs: int,
+    evaluation: dict,
+    matching: dict,
+    image_size: int,
+    seed: int,
+    png: str,
+    pdf: str,
+    prov: Provenance,
+    device: str,
+) -> None:
+    """Predicted (SD4Match-CPM, reported matching) vs ground-truth matches on the first few test pairs."""
+    components = load_stable_diffusion(read_model_record(sd_record).local_path, device=device)
+    module, _ = load_prompt(prompt_path, components.text_encoder, components.tokenizer)
+    featurizer = SDFeaturizer(components, device=device)
+    pairs = read_pairs_table(pairs_path).head(n_pairs)
+    root = read_location(location_path).root
+    dino = DinoCache.load(dino_cache_path, expect_meta={"kind": "dino"})
+    method = matching["reported"]
+    settings = MatchingSettings(
+        image_size, (method,), (0.1,), matching["kernel_sigma"], matching["softmax_temperature"]
+    )
+    features = conditional_pair_features(
+        pairs,
+        module.to(device).eval(),
+        featurizer,
+        dino,
+        root,
+        image_size,
+        evaluation["timestep"],
+        evaluation["ensemble"],
+        seed,
+        evaluation["pair_batch"],
+    )
+    panels = []
+    with torch.no_grad():
+        for row, src_feat, trg_feat in features:
+            pred = predict_pair(row, src_feat, trg_feat, settings)[method]
+            panels.append(match_panel(row, root, pred, image_size, method=f"SD4Match-CPM ({method})"))
+    qualitative_matches(panels, png, pdf, 0.1, method, image_size, prov.demo)
+    _sidecar(png, prov, "qualitative")

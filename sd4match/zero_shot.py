@@ -1,0 +1,151 @@
+"""Zero-shot baselines computed by the DAG: DIFT (SD text prompt), DINO/DINOv2 (ViT), SD+DINO and SD+DINO*.
+
+One entry point, :func:`run_zero_shot`, dispatches on the method's ``kind`` so every baseline is scored by
+the same matching and PCK code as SD4Match.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from sd4match.data_sources import read_location
+from sd4match.datasets import read_pairs_table
+from sd4match.evaluation import (
+    MatchingSettings,
+    evaluate_pairs,
+    limit_pairs,
+    sd_text_prompt_features,
+)
+from sd4match.io import write_table_atomic
+from sd4match.metrics import summarise
+from sd4match.models import load_clip_vision, load_dino, load_dinov2, load_stable_diffusion, read_model_record
+from sd4match.prompts import TextPrompt
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+def matching_settings(matching: dict[str, Any], alphas: list[float], image_size: int) -> MatchingSettings:
+    """MatchingSettings from the config's ``matching`` block."""
+    return MatchingSettings(
+        image_size=image_size,
+        methods=tuple(matching["methods"]),
+        alphas=tuple(alphas),
+        kernel_sigma=matching["kernel_sigma"],
+        temperature=matching["softmax_temperature"],
+    )
+
+
+def _sd_features(method, records, root, image_size, features, seed, device):
+    from sd4match.features import SDFeaturizer
+
+    components = load_stable_diffusion(read_model_record(records["model"]).local_path, device=device)
+    featurizer = SDFeaturizer(
+        components,
+        up_block_index=features["up_block_index"],
+        device=device,
+        autocast_dtype=AUTOCAST[features["precision"]] if device.startswith("cuda") else None,
+        max_batch=features["max_unet_batch"],
+    )
+    prompt = TextPrompt(method["prompt"], components.text_encoder, components.tokenizer)
+    return sd_text_prompt_features(
+        featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed
+    )
+
+
+def _vit_features(method, records, root, device):
+    from sd4match.baselines import vit_feature_fn
+
+    loader = {"dino": load_dino, "dinov2": load_dinov2}[method["family"]]
+    model, _ = loader(read_model_record(records["model"]).local_path, device=device)
+    return vit_feature_fn(model, root, method["image_size"], device=device)
+
+
+def _sd_dino_pair_features(method, records, captioner_path, captioner_cfg, features, seed, device):
+    from sd4match.baselines import (
+        SDDinoFeaturizer,
+        build_implicit_captioner,
+        captioner_conditioning,
+        load_implicit_captioner_weights,
+        text_conditioning,
+    )
+
+    components = load_stable_diffusion(read_model_record(records["model"]).local_path, device=device)
+    if method["prompt"] == "implicit":
+        clip, processor = load_clip_vision(read_model_record(records["clip_model"]).local_path, device=device)
+        captioner = build_implicit_captioner(clip, processor, components)
+        load_implicit_captioner_weights(captioner, captioner_path, prefix=captioner_cfg["prefix"])
+        conditioning = captioner_conditioning(captioner.eval())
+    else:
+        conditioning = text_conditioning(
+            TextPrompt(method["prompt"], components.text_encoder, components.tokenizer)
+        )
+    dino = None
+    if method.get("dino_model"):
+        dino, _ = load_dinov2(read_model_record(records["dino_model"]).local_path, device=device)
+    featurizer = SDDinoFeaturizer(
+        components,
+        conditioning,
+        dino,
+        sd_image_size=method["image_size"],
+        timestep=method["timestep"],
+        ensemble=method["ensemble"],
+        dino_image_size=method["dino_image_size"],
+        seed=seed,
+        device=device,
+        autocast_dtype=AUTOCAST[features["precision"]] if device.startswith("cuda") else None,
+        max_batch=features["max_unet_batch"],
+    )
+    return featurizer.pair_features
+
+
+def run_zero_shot(
+    method: dict[str, Any],
+    records: dict[str, str | Path],
+    pairs_path: str | Path,
+    location_path: str | Path,
+    matching: dict[str, Any],
+    alphas: list[float],
+    max_pairs: int | None,
+    image_size: int,
+    features: dict[str, Any],
+    seed: int,
+    device: str,
+    per_pair_out: str | Path,
+    summary_out: str | Path,
+    captioner_path: str | Path | None = None,
+    captioner_cfg: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Evaluate one zero-shot method on one test set; ``records`` maps model roles to model-record files."""
+    pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
+    root = read_location(location_path).root
+    settings = matching_settings(matching, alphas, image_size)
+    log.info("zero-shot %s on %s: %d pairs", method, pairs_path, len(pairs))
+    if method["kind"] == "sd":
+        feature_fn = _sd_features(method, records, root, image_size, features, seed, device)
+        per_pair = evaluate_pairs(pairs, feature_fn, settings)
+    elif method["kind"] == "vit":
+        per_pair = evaluate_pairs(pairs, _vit_features(method, records, root, device), settings)
+    elif method["kind"] == "sd_dino":
+        from sd4match.baselines import evaluate_pairs_per_pair
+
+        if method["prompt"] == "implicit" and captioner_path is None:
+            raise ValueError(
+                "zero-shot SD+DINO with the implicit captioner needs its weights (captioner_path)"
+            )
+        pair_fn = _sd_dino_pair_features(
+            method, records, captioner_path, captioner_cfg, features, seed, device
+        )
+        per_pair = evaluate_pairs_per_pair(pairs, pair_fn, settings, root)
+    else:
+        raise ValueError(f"zero-shot method kind {method['kind']!r} is unknown (sd, vit, sd_dino)")
+    write_table_atomic(per_pair, per_pair_out)
+    summary = summarise(per_pair)
+    write_table_atomic(summary, summary_out)
+    return summary

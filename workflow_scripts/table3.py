@@ -1,0 +1,12 @@
+"""Snakemake adapter: the full Table 3 (generalisation over PF-Pascal, PF-Willow and SPair-71k)."""
+
+from sd4match.logs import log_to
+from sd4match.provenance import build_provenance
+from sd4match.reporting import table3_from_files, write_table
+
+with log_to(snakemake.log[0]):  # noqa: F821
+    i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+    runs = [tuple(run) for run in p.runs]
+    table = table3_from_files(p.zero_shot, runs, p.sd4match, p.variants, p.matching, p.zero_shot_matching)
+    prov = build_provenance(record_paths=i.models, **p.provenance)
+    write_table(table, o.csv, o.md, title="Table 3 — generalisation, PCK per image", prov=prov)
