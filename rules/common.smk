@@ -31,7 +31,7 @@ wildcard_constraints:
     trainset="|".join(TRAIN_SETS),
     split="trn|val|test",
     part="trnval|test",
-    model="[A-Za-z0-9_]+",
+    model="|".join(config["models"]),
     variant="[a-z0-9_]+",
     method="[a-z0-9_]+",
     t="[0-9]+",

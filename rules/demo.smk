@@ -15,7 +15,7 @@ rule demo_datasets:
     conda:
         CONDA_ENV
     params:
-        seed=config.get("demo_world", {}).get("seed", 0),
+        demo_world=config.get("demo_world", {}),
     script:
         "../workflow_scripts/demo_datasets.py"
 

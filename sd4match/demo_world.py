@@ -832,3 +832,12 @@ def make_demo_world(out_dir: PathLike, spec: DemoWorldSpec = DemoWorldSpec()) ->
         "pfwillow_images_archive": pfwillow_images,
         "pfwillow_pairs_csv": pfwillow_pairs,
     }
+
+
+def spec_from_config(demo_cfg: dict) -> DemoWorldSpec:
+    """DemoWorldSpec from the config's ``demo_world`` block (``seed`` plus optional ``spec`` overrides)."""
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in demo_cfg.get("spec", {}).items()}
+    unknown = sorted(set(overrides) - set(DemoWorldSpec.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"config key 'demo_world.spec' has unknown fields {unknown}")
+    return DemoWorldSpec(seed=demo_cfg.get("seed", 0), **overrides)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ def decorate(fig: Figure, title: str, caption: str, demo: bool) -> None:
     """Title on top (demo banner first for demo runs) and a caption line at the bottom."""
     fig.suptitle(figure_title(title, demo), fontsize=12, color="#b2182b" if demo else "black")
     if caption:
-        fig.supxlabel(caption, fontsize=8, style="italic")
+        fig.supxlabel(textwrap.fill(caption, 110), fontsize=8, style="italic")
 
 
 def save_figure(
@@ -403,7 +404,7 @@ def _draw_panel(ax: Any, panel: MatchPanel, alpha: float) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     n_ok = int(correct.sum())
-    ax.set_title(f"{panel.title}: {n_ok}/{len(correct)} correct", fontsize=9)
+    ax.set_title(textwrap.fill(f"{panel.title}: {n_ok}/{len(correct)} correct", 70), fontsize=8)
     ax.set_xlabel("source  |  target", fontsize=8)
 
 
@@ -456,7 +457,14 @@ def build_qualitative_figure(
         _draw_panel(ax, panel, alpha)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    fig.legend(handles=_match_legend_handles(alpha), loc="outside right upper", fontsize=8)
+    last = list(axes.flat)[len(panels) - 1]  # legend under the last panel, above the caption
+    last.legend(
+        handles=_match_legend_handles(alpha),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.1),
+        ncols=3,
+        fontsize=8,
+    )
     caption = (
         f"Predicted targets ({matching} matching) in the squashed {image_size}×{image_size} frame "
         f"where PCK is computed; θ = the dataset's PCK threshold (SPair-71k: max side of the target box), "

@@ -351,3 +351,14 @@ def test_too_few_shared_keypoints_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"spair trn cat: only 0 of 6 pairs share >= 99"):
         make_spair(tmp_path, spec)
     assert not (tmp_path / "SPair-71k.tar.gz").exists()
+
+
+def test_spec_from_config_overrides_and_rejects_unknown_fields():
+    from sd4match.demo_world import spec_from_config
+
+    spec = spec_from_config(
+        {"seed": 3, "spec": {"spair_pairs_per_split": [6, 2, 2], "pfwillow_images_per_class": 2}}
+    )
+    assert spec.seed == 3 and spec.spair_pairs_per_split == (6, 2, 2) and spec.pfwillow_images_per_class == 2
+    with pytest.raises(ValueError, match="demo_world.spec"):
+        spec_from_config({"spec": {"spair_pairs": 1}})

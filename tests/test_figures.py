@@ -234,7 +234,7 @@ def test_qualitative_lines_green_within_threshold_red_outside():
     assert {c.get_radius() for c in circles} == {10.0}
     assert {c.get_fill() for c in circles} == {False}
     assert ax.get_title() == "cat — p0: 2/3 correct"
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == [
         "match correct (error ≤ 0.1·θ)",
         "match wrong (error > 0.1·θ)",

@@ -86,8 +86,8 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     counts = dry_run(
         "-d", str(empty_workdir), "--configfile", "config.yaml", "profiles/demo/world.yaml", cwd=empty_workdir
     )
-    # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 4 timesteps
-    demo = PAPER_JOBS | {"evaluate_zero_shot": 27 - 7, "evaluate_prompt_timestep": 4}
+    # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 2 timesteps
+    demo = PAPER_JOBS | {"evaluate_zero_shot": 27 - 9, "evaluate_prompt_timestep": 2}
     demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1}
     assert counts == demo | {"total": sum(demo.values())}
 
@@ -186,3 +186,15 @@ def test_demo_dag_runs_end_to_end(empty_workdir: Path):
         "train/spair_cpm.log",
     ):
         assert (empty_workdir / "logs" / log).exists()
+
+
+def test_slurm_profile_names_only_existing_rules():
+    import yaml
+
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    listed = snakemake("--list-rules", cwd=REPO)
+    assert listed.returncode == 0, listed.stderr
+    rules = set(listed.stdout.split())
+    assert profile["executor"] == "slurm"
+    assert set(profile["set-resources"]) <= rules
+    assert set(profile["set-threads"]) <= rules

@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from sd4match.demo_world import DemoWorldSpec, make_demo_world
+from sd4match.demo_world import make_demo_world, spec_from_config
 from sd4match.logs import log_to
 
 with log_to(snakemake.log[0]):  # noqa: F821
     out_dir = Path(snakemake.output.spair).parent  # noqa: F821
-    made = make_demo_world(out_dir, DemoWorldSpec(seed=snakemake.params.seed))  # noqa: F821
+    made = make_demo_world(out_dir, spec_from_config(snakemake.params.demo_world))  # noqa: F821
     expected = {
         "spair_archive": snakemake.output.spair,  # noqa: F821
         "pfpascal_images_archive": snakemake.output.pfpascal_images,  # noqa: F821
