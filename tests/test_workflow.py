@@ -171,6 +171,19 @@ def test_demo_dag_runs_end_to_end(empty_workdir: Path):
         assert (out / f"figures/{figure}.pdf").stat().st_size > 0
     table2 = pd.read_csv(out / "tables/table2.csv")
     assert {"ours", "paper", "delta", "quoted"} <= set(table2["source"])
+    report = snakemake(
+        "-d",
+        str(empty_workdir),
+        "--configfile",
+        "config.yaml",
+        "profiles/demo/world.yaml",
+        "--report",
+        "report.html",
+        cwd=empty_workdir,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (empty_workdir / "report.html").read_text(errors="replace")
+    assert "Fig. 3a" in html and "Table 2" in html
     table = pd.read_csv(out / "tables/zero_shot_dift.csv")
     assert set(table["source"]) == {"ours", "paper", "delta"}
     for dataset in ("spair", "pfpascal", "pfwillow"):
