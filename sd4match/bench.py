@@ -183,6 +183,138 @@ def bench_features(
     return BenchResult("features", device, settings, metrics, machine_description(device))
 
 
+SPAIR_TEST_PAIRS, SPAIR_TEST_IMAGES = 12_234, 481  # protocol.md: 481 distinct images in 12,234 test pairs
+
+
+def _prompt_module(variant: str, components: Any, device: str) -> Any:
+    """A freshly initialised learned prompt of ``variant`` (single or cpm) for timing."""
+    from sd4match.prompt_learning import build_prompt_module
+
+    return build_prompt_module(variant, components.text_encoder, components.tokenizer).to(device)
+
+
+def _random_batch(module: Any, n_pairs: int, device: str) -> Any:
+    """PromptBatch with random DINOv2 tokens of the CPM's configured shape (timing only)."""
+    from sd4match.prompt_learning import PromptBatch
+
+    if not module.needs_dino:
+        return PromptBatch(categories=["cat"] * n_pairs)
+    cfg = module.config
+    tokens = lambda: torch.randn(n_pairs, cfg.n_patches, cfg.dino_dim, device=device)  # noqa: E731
+    glob = lambda: torch.randn(n_pairs, cfg.dino_dim, device=device)  # noqa: E731
+    return PromptBatch(["cat"] * n_pairs, tokens(), tokens(), glob(), glob())
+
+
+def bench_training(
+    model_dir: str | Path,
+    image_size: int,
+    variant: str = "single",
+    pairs_per_step: int = 3,
+    n_kps: int = 10,
+    steps: int = 3,
+    device: str = "cpu",
+) -> BenchResult:
+    """One optimiser step of prompt tuning (t=261, one draw, gradients through the truncated UNet)."""
+    from sd4match.loss import matching_loss
+    from sd4match.models import load_stable_diffusion
+    from sd4match.prompts import encode_sequence
+
+    components = load_stable_diffusion(model_dir, device=device)
+    featurizer = SDFeaturizer(components, device=device, max_batch=2 * pairs_per_step)
+    module = _prompt_module(variant, components, device)
+    optimizer = torch.optim.Adam(module.parameter_groups(1e-2, 1e-3))
+    generator = torch.Generator().manual_seed(0)
+    s = image_size // 8
+    latents = torch.randn(2 * pairs_per_step, 4, s, s, generator=generator)
+    kps = torch.rand(pairs_per_step, n_kps, 2, generator=generator) * (image_size - 1)
+    valid = torch.ones(pairs_per_step, n_kps, dtype=torch.bool)
+    batch = _random_batch(module, pairs_per_step, device)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        src, trg = module.prompt_pair(batch)
+        hidden = encode_sequence(components.text_encoder, torch.cat([src, trg]))
+        feats = featurizer.extract_from_latents(latents, hidden, 261, 1, generator)
+        loss = matching_loss(feats[:pairs_per_step], feats[pairs_per_step:], kps, kps, valid, image_size)
+        loss.backward()
+        optimizer.step()
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    step_s = _timed(step, steps, device)
+    metrics = {
+        "step_s": step_s,
+        "s_per_pair": step_s / pairs_per_step,
+        "peak_memory_mib": peak_memory_mb(device),
+        "peak_memory_mib_per_pair": peak_memory_mb(device) / pairs_per_step,
+    }
+    settings = {
+        "model_dir": str(model_dir),
+        "image_size": image_size,
+        "variant": variant,
+        "pairs_per_step": pairs_per_step,
+        "n_kps": n_kps,
+        "steps": steps,
+    }
+    return BenchResult("training_step", device, settings, metrics, machine_description(device))
+
+
+def bench_evaluation(
+    model_dir: str | Path,
+    image_size: int,
+    ensemble: int = 8,
+    max_batch: int = 8,
+    pair_batch: int = 4,
+    repeats: int = 2,
+    device: str = "cpu",
+) -> BenchResult:
+    """Evaluation throughput: Single (features once per distinct image) vs CPM (features per pair batch),
+    with the UNet passes each needs for the whole SPair-71k test set (481 images, 12,234 pairs)."""
+    from sd4match.models import load_stable_diffusion
+    from sd4match.prompts import encode_sequence
+
+    components = load_stable_diffusion(model_dir, device=device)
+    featurizer = SDFeaturizer(components, device=device, max_batch=max_batch)
+    generator = torch.Generator().manual_seed(0)
+    s = image_size // 8
+    single, cpm = _prompt_module("single", components, device), _prompt_module("cpm", components, device)
+
+    def single_image() -> None:
+        with torch.no_grad():
+            hidden = encode_sequence(components.text_encoder, single.prompt_for_images(["cat"]))
+            featurizer.extract_from_latents(torch.randn(1, 4, s, s), hidden, 50, ensemble, generator)
+
+    def cpm_batch() -> None:
+        with torch.no_grad():
+            src, trg = cpm.prompt_pair(_random_batch(cpm, pair_batch, device))
+            hidden = encode_sequence(components.text_encoder, torch.cat([src, trg]))
+            featurizer.extract_from_latents(
+                torch.randn(2 * pair_batch, 4, s, s), hidden, 50, ensemble, generator
+            )
+
+    image_s = _timed(single_image, repeats, device)
+    batch_s = _timed(cpm_batch, repeats, device)
+    single_pairs_per_s = SPAIR_TEST_PAIRS / (SPAIR_TEST_IMAGES * image_s)
+    calls_per_image = -(-ensemble // max_batch)
+    calls_per_batch = -(-2 * pair_batch * ensemble // max_batch)
+    metrics = {
+        "single_pairs_per_s_spair_test": single_pairs_per_s,
+        "cpm_pairs_per_s": pair_batch / batch_s,
+        "single_unet_passes_spair_test": float(SPAIR_TEST_IMAGES * calls_per_image),
+        "cpm_unet_passes_spair_test": float(-(-SPAIR_TEST_PAIRS // pair_batch) * calls_per_batch),
+        "peak_memory_mib": peak_memory_mb(device),
+    }
+    settings = {
+        "model_dir": str(model_dir),
+        "image_size": image_size,
+        "ensemble": ensemble,
+        "max_batch": max_batch,
+        "pair_batch": pair_batch,
+        "repeats": repeats,
+    }
+    return BenchResult("evaluation", device, settings, metrics, machine_description(device))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``sd4match-bench {truncation,features} [...]``; prints JSON (and appends to --out)."""
     parser = argparse.ArgumentParser(prog="sd4match-bench", description=__doc__)
@@ -198,13 +330,27 @@ def main(argv: list[str] | None = None) -> int:
     feats.add_argument("--ensemble", type=int, default=8)
     feats.add_argument("--max-batch", type=int, default=8)
     feats.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp32")
-    for p in (trunc, feats):
+    train = sub.add_parser("training", help="one prompt-tuning step: time and peak memory per pair")
+    train.add_argument("--model", required=True)
+    train.add_argument("--image-size", type=int, default=768)
+    train.add_argument("--variant", choices=["single", "cpm"], default="single")
+    train.add_argument("--pairs", type=int, default=3)
+    train.add_argument("--steps", type=int, default=3)
+    evals = sub.add_parser(
+        "evaluation", help="evaluation pairs/s, Single vs CPM, and UNet passes for SPair test"
+    )
+    evals.add_argument("--model", required=True)
+    evals.add_argument("--image-size", type=int, default=768)
+    evals.add_argument("--ensemble", type=int, default=8)
+    evals.add_argument("--max-batch", type=int, default=8)
+    evals.add_argument("--pair-batch", type=int, default=4)
+    for p in (trunc, feats, train, evals):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", type=Path, help="append the JSON result as one line to this file")
     args = parser.parse_args(argv)
     if args.command == "truncation":
         result = bench_truncation(args.image_size, args.batch, args.repeats, args.device)
-    else:
+    elif args.command == "features":
         result = bench_features(
             args.model,
             args.image_size,
@@ -213,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
             args.max_batch,
             args.device,
             args.precision,
+        )
+    elif args.command == "training":
+        result = bench_training(
+            args.model, args.image_size, args.variant, args.pairs, steps=args.steps, device=args.device
+        )
+    else:
+        result = bench_evaluation(
+            args.model, args.image_size, args.ensemble, args.max_batch, args.pair_batch, device=args.device
         )
     line = json.dumps(asdict(result), sort_keys=True)
     print(line)

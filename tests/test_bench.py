@@ -46,3 +46,24 @@ def test_sd21_config_is_the_real_architecture():
         }
     )
     assert [type(b).__name__ for b in unet.up_blocks] == SD21_UNET_CONFIG["up_block_types"]
+
+
+def test_evaluation_bench_counts_unet_passes_for_spair_test(tiny_sd):
+    from sd4match.bench import bench_evaluation
+
+    result = bench_evaluation(tiny_sd, image_size=64, ensemble=8, max_batch=8, pair_batch=4, repeats=1)
+    assert result.metrics["single_unet_passes_spair_test"] == 481  # one call of 8 draws per distinct image
+    assert (
+        result.metrics["cpm_unet_passes_spair_test"] == 3059 * 8
+    )  # ceil(12234 / 4) batches x 64 latents / 8
+    assert result.metrics["cpm_pairs_per_s"] > 0 and result.metrics["single_pairs_per_s_spair_test"] > 0
+
+
+@pytest.mark.parametrize("variant", ["single", "cpm"])
+def test_training_bench_reports_per_pair_cost(tiny_sd, variant):
+    from sd4match.bench import bench_training
+
+    result = bench_training(tiny_sd, image_size=64, variant=variant, pairs_per_step=2, steps=1)
+    metrics = result.metrics
+    assert metrics["s_per_pair"] == pytest.approx(metrics["step_s"] / 2)
+    assert metrics["peak_memory_mib_per_pair"] == pytest.approx(metrics["peak_memory_mib"] / 2)
