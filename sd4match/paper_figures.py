@@ -117,6 +117,16 @@ def make_fig4(
     _sidecar(png, prov, "fig4")
 
 
+def _pair_figure_inputs(
+    sd_record: str, dino_cache_path: str, pairs_path: str, location_path: str, n_pairs: int, device: str
+) -> tuple[Any, pd.DataFrame, DinoCache, str]:
+    """What the per-pair figures load: SD components, the first pairs, DINOv2 tokens, dataset root."""
+    components = load_stable_diffusion(read_model_record(sd_record).local_path, device=device)
+    pairs = read_pairs_table(pairs_path).head(n_pairs)
+    dino = DinoCache.load(dino_cache_path, expect_meta={"kind": "dino"})
+    return components, pairs, dino, read_location(location_path).root
+
+
 def make_fig5(
     prompt_path: str,
     sd_record: str,
@@ -131,12 +141,11 @@ def make_fig5(
     device: str,
 ) -> None:
     """Fig. 5: images SD generates from the CPM prompts of selected pairs, next to the pair."""
-    components = load_stable_diffusion(read_model_record(sd_record).local_path, device=device)
-    pairs = read_pairs_table(pairs_path).head(n_pairs)
-    dino = DinoCache.load(dino_cache_path, expect_meta={"kind": "dino"})
+    inputs = _pair_figure_inputs(sd_record, dino_cache_path, pairs_path, location_path, n_pairs, device)
+    components, pairs, dino, root = inputs
     generations = cpm_prompt_images(prompt_path, components, dino, pairs, generation_settings(gen))
     prompt_generation_grid(
-        fig5_rows(generations, read_location(location_path).root),
+        fig5_rows(generations, root),
         png,
         pdf,
         title="Fig. 5 — images generated from SD4Match-CPM prompts of image pairs",
@@ -163,12 +172,10 @@ def make_qualitative(
     device: str,
 ) -> None:
     """Predicted (SD4Match-CPM, reported matching) vs ground-truth matches on the first few test pairs."""
-    components = load_stable_diffusion(read_model_record(sd_record).local_path, device=device)
+    inputs = _pair_figure_inputs(sd_record, dino_cache_path, pairs_path, location_path, n_pairs, device)
+    components, pairs, dino, root = inputs
     module, _ = load_prompt(prompt_path, components.text_encoder, components.tokenizer)
     featurizer = SDFeaturizer(components, device=device)
-    pairs = read_pairs_table(pairs_path).head(n_pairs)
-    root = read_location(location_path).root
-    dino = DinoCache.load(dino_cache_path, expect_meta={"kind": "dino"})
     method = matching["reported"]
     settings = MatchingSettings(
         image_size, (method,), (0.1,), matching["kernel_sigma"], matching["softmax_temperature"]

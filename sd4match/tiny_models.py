@@ -31,18 +31,13 @@ from transformers import (
     ViTModel,
 )
 
+from sd4match.datasets import PFPASCAL_CLASSES, PFWILLOW_CLASSES, SPAIR_CATEGORIES
 from sd4match.io import write_json_atomic, write_text_atomic
 from sd4match.prompts import category_phrase
 
-SPAIR_CATEGORIES = tuple(
-    "aeroplane bicycle bird boat bottle bus car cat chair cow dog horse motorbike person pottedplant sheep "
-    "train tvmonitor".split()
-)
-PFPASCAL_CATEGORIES = tuple(sorted(SPAIR_CATEGORIES + ("diningtable", "sofa")))
-PFWILLOW_CATEGORIES = tuple(
-    "car(G) car(M) car(S) duck(S) motorbike(G) motorbike(M) motorbike(S) winebottle(M) winebottle(wC) "
-    "winebottle(woC)".split()
-)
+# The category words the tiny tokenizer must know: the three benchmarks' categories (sd4match.datasets).
+PFPASCAL_CATEGORIES = PFPASCAL_CLASSES
+PFWILLOW_CATEGORIES = PFWILLOW_CLASSES
 PROMPT_WORDS = ("a", "an", "photo", "of", "the")
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
