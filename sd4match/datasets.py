@@ -568,7 +568,7 @@ def _loadmat(path: Path) -> dict[str, Any]:
     """Load a MATLAB file, turning scipy's parse errors into a ValueError naming the file."""
     try:
         return scipy.io.loadmat(path)
-    except Exception as exc:  # scipy raises MatReadError, IndexError, NotImplementedError... on bad bytes
+    except Exception as exc:  # scipy raises many error types on bad bytes
         raise ValueError(f"cannot read MATLAB file {path}: {exc}") from exc
 
 

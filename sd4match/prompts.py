@@ -71,8 +71,8 @@ def encode_sequence(text_encoder: nn.Module, inputs_embeds: Tensor) -> Tensor:
 
     handle = embeddings.register_forward_hook(replace_output)
     try:
-        placeholder_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=device)
-        return text_encoder(input_ids=placeholder_ids).last_hidden_state
+        ignored_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=device)
+        return text_encoder(input_ids=ignored_ids).last_hidden_state
     finally:
         handle.remove()
 
