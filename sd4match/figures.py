@@ -524,7 +524,7 @@ def build_generation_grid(
             ax.set_yticks([])
             if r == 0 and column_titles is not None:
                 ax.set_title(column_titles[c], fontsize=9)
-        axes[r][0].set_ylabel(row_title, fontsize=9)
+        axes[r][0].set_ylabel(textwrap.fill(row_title, 22), fontsize=7)
     decorate(fig, title, caption, demo)
     return fig
 
