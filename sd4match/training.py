@@ -51,6 +51,7 @@ from tqdm import tqdm
 from sd4match.caches import DinoCache, LatentCache, cache_meta, image_key
 from sd4match.config import config_hash
 from sd4match.evaluation import ImageKey, MatchingSettings, image_seed, limit_pairs, score_pair
+from sd4match.gpu import join_gpu_lease, lease_fds
 from sd4match.io import atomic_path, write_json_atomic, write_table_atomic
 from sd4match.loss import check_finite, matching_loss
 from sd4match.matching import to_squashed_frame
@@ -1030,7 +1031,9 @@ def launch_command(job_path: str | os.PathLike[str], n_gpus: int, precision: str
 def _run_streaming(command: list[str]) -> None:
     """Run ``command``, copying its output line by line to ``sys.stderr`` (the job log); raise on failure."""
     log.info("running %s", " ".join(command))
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+    with subprocess.Popen(  # pass_fds: the child shares the job's GPU locks, which then outlive this process
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, pass_fds=lease_fds()
+    ) as process:
         assert process.stdout is not None
         for line in process.stdout:
             sys.stderr.write(line)
@@ -1058,6 +1061,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m sd4match.training <job.json>", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    join_gpu_lease()  # accelerate's workers do not inherit the job's lock fds: take a share
     train_prompt(read_job(args[0]))
     return 0
 
