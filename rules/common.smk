@@ -245,3 +245,87 @@ def all_targets():
     return [
         f"{OUT}/tables/{name}.{ext}" for name in TABLES for ext in ("csv", "md")
     ] + [f"{OUT}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+
+
+# The authors' released prompts (rules/released.smk): imported by a checkpoint, because which prompts the
+# archive holds is known only once it is extracted; evaluated by the same rule as our tuned prompts.
+RELEASED = config["released_prompts"]
+RELEASED_SETS = ["spair", "pfpascal"]
+RELEASED_VARIANTS = ["single", "class", "cpm"]
+
+
+wildcard_constraints:
+    released_set="|".join(RELEASED_SETS),
+    released_variant="|".join(RELEASED_VARIANTS),
+
+
+def released_prompts_dir():
+    return f"{OUT}/released/prompts"
+
+
+def released_import_report():
+    return f"{OUT}/released/import_report.json"
+
+
+def released_prompt_file(trainset, variant):
+    return f"{released_prompts_dir()}/{trainset}/{variant}/prompt.safetensors"
+
+
+def released_summary(trainset, variant, dataset):
+    return f"{OUT}/released/{trainset}/{variant}/{dataset}/summary.csv"
+
+
+def released_import_inputs(wildcards):
+    """The model records the import checks against, and the archive when it is a local (demo) file."""
+    archive = [] if RELEASED["local_path"] else local_source(RELEASED["url"])
+    return {
+        "sd_model": model_record(SD4["model"]),
+        "dinov2_model": model_record(SD4["dino_model"]),
+        "archive": archive,
+    }
+
+
+def released_runs():
+    """(training set, variant) of every imported released prompt (after the import checkpoint ran)."""
+    import json
+
+    path = checkpoints.import_released_prompts.get().output.report
+    with open(path) as handle:
+        imported = json.load(handle)["imported"]
+    return [(entry["trainset"], entry["variant"]) for entry in imported]
+
+
+def released_eval_datasets(trainset, variant):
+    """Test sets of a released prompt (Class only on its own training set, where its categories exist)."""
+    if variant == "class":
+        return [d for d in TEST_DATASETS if d == trainset]
+    return TEST_DATASETS
+
+
+def released_summaries(wildcards=None):
+    """Summaries of every imported released prompt on each of its test sets."""
+    return [
+        released_summary(trainset, variant, dataset)
+        for trainset, variant in released_runs()
+        for dataset in released_eval_datasets(trainset, variant)
+    ]
+
+
+def released_eval_inputs(wildcards):
+    """Inputs of evaluate_prompt for an imported released prompt (same keys as evaluate_prompt_inputs)."""
+    run = (wildcards.released_set, wildcards.released_variant)
+    if run not in released_runs():
+        raise ValueError(
+            f"the authors' release has no {run[1]} prompt tuned on {run[0]} "
+            f"(see {released_import_report()}); imported: {released_runs()}"
+        )
+    inputs = {
+        "prompt": released_prompt_file(*run),
+        "pairs": pairs_table(wildcards.dataset, "test"),
+        "data": fetch_record(wildcards.dataset),
+        "sd_model": model_record(SD4["model"]),
+    }
+    if wildcards.released_variant == "cpm":
+        inputs["dino_cache"] = dino_cache(wildcards.dataset, "test")
+        inputs["dinov2_model"] = model_record(SD4["dino_model"])
+    return inputs
