@@ -295,6 +295,26 @@ def intervals_from_file(
     return summary_with_intervals(frame, settings, where=str(path))
 
 
+def cell_interval(
+    intervals: pd.DataFrame, category: str, method: str, alpha: float, kind: str = "pck_per_image"
+) -> tuple[float, float, float]:
+    """(point, lo, hi) of one table cell from a ``summary_with_intervals`` / ``interval_columns`` frame."""
+    if kind not in PCK_KINDS:
+        raise ValueError(f"cell_interval: unknown PCK kind {kind!r}; expected one of {PCK_KINDS}")
+    sel = intervals[
+        (intervals["category"] == category)
+        & (intervals["method"] == method)
+        & np.isclose(intervals["alpha"].astype(float), alpha)
+    ]
+    if len(sel) != 1:
+        raise ValueError(
+            f"cell_interval: expected one row for category={category!r}, method={method!r}, alpha={alpha:g}; "
+            f"found {len(sel)}"
+        )
+    row = sel.iloc[0]
+    return float(row[kind]), float(row[f"{kind}_lo"]), float(row[f"{kind}_hi"])
+
+
 def interval_columns(
     per_pair_paths: Mapping[str, PathLike],
     methods: Sequence[str] | None = None,

@@ -14,6 +14,7 @@ from sd4match.metrics import PER_PAIR_COLUMNS, summarise
 from sd4match.uncertainty import (
     INTERVAL_COLUMNS,
     BootstrapSettings,
+    cell_interval,
     format_interval,
     format_spread,
     interval_columns,
@@ -255,6 +256,14 @@ def test_files_round_trip_with_string_pair_ids_and_labels(tmp_path: Path):
         "cat",
         "All",
     }
+    point, lo, hi = cell_interval(out, "All", "kernel_softmax", 0.1)
+    assert (
+        point == 75.0
+        and lo <= point <= hi
+        and (lo, hi) == tuple(out.iloc[1][["pck_per_image_lo", "pck_per_image_hi"]])
+    )
+    with pytest.raises(ValueError, match="expected one row for category='dog'"):
+        cell_interval(out, "dog", "kernel_softmax", 0.1)
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         intervals_from_file(tmp_path / "nope.csv")
     with pytest.raises(ValueError, match=r"a\.csv: no rows for methods=\['dino'\]"):
@@ -283,7 +292,7 @@ def test_paired_difference_follows_the_binomial_of_the_pairs_that_differ():
     assert diff["diff_per_image"] == pytest.approx(0.5, abs=1e-12)
     assert (diff["diff_per_image_lo"], diff["diff_per_image_hi"]) == pytest.approx((0.3, 0.7), abs=1e-12)
     # unpaired, each evaluation alone is uncertain by about +-1.5 at 80%: the pairing is what makes it tight
-    alone = row(summary_with_intervals(a, settings), "All")
+    alone = row(summary_with_intervals(a, BootstrapSettings(confidence=0.8)), "All")
     assert alone["pck_per_image_hi"] - alone["pck_per_image_lo"] > 2.0
 
 
