@@ -227,6 +227,21 @@ def test_demo_dag_runs_end_to_end(empty_workdir: Path):
         # every pair scored once per matching method and alpha
         assert len(per_pair) == len(pairs) * 3 * 3
         assert per_pair["pck"].between(0, 100).all()
+    # two seeds of spair/single (seeds_per_run): two prompts, a spread, and intervals around summary.csv
+    from sd4match.uncertainty import intervals_from_file, seed_spread_from_files
+
+    run = out / "sd4match/spair/single"
+    prompts = [(out / f"prompts/spair/single/seed{k}/prompt.safetensors").read_bytes() for k in (0, 1)]
+    assert prompts[0] != prompts[1]
+    spread = seed_spread_from_files({k: run / f"seed{k}/spair/summary.csv" for k in (0, 1)})
+    assert (spread["n_seeds"] == 2).all() and spread["pck_per_image_std"].notna().all()
+    intervals = intervals_from_file(run / "seed0/spair/per_pair.csv")
+    summary = pd.read_csv(run / "seed0/spair/summary.csv")
+    assert intervals["category"].tolist() == summary["category"].tolist()
+    for kind in ("pck_per_image", "pck_per_keypoint"):
+        assert intervals[kind].to_numpy() == pytest.approx(summary[kind].to_numpy(), abs=1e-9)
+        assert (intervals[f"{kind}_lo"] <= intervals[kind] + 1e-9).all()
+        assert (intervals[kind] <= intervals[f"{kind}_hi"] + 1e-9).all()
     for log in (
         "demo/demo_datasets.log",
         "data/fetch_spair.log",
