@@ -3,10 +3,17 @@
 from pathlib import Path
 
 from sd4match.config import config_hash, is_demo, method_config, validate_config
-
-config = validate_config(
-    config, source="the workflow configuration (config.yaml + overlays)"
+from sd4match.seeds import (
+    check_seeds,
+    coerce_seed_lists,
+    primary_seed,
+    run_seeds,
+    seed_dir,
 )
+
+CONFIG_SOURCE = "the workflow configuration (config.yaml + overlays)"
+config = validate_config(coerce_seed_lists(config), source=CONFIG_SOURCE)
+check_seeds(config, source=CONFIG_SOURCE)
 
 RES = config["resources_dir"]
 OUT = config["results_dir"]
@@ -35,6 +42,7 @@ wildcard_constraints:
     variant="[a-z0-9_]+",
     method="[a-z0-9_]+",
     t="[0-9]+",
+    seed="0|[1-9][0-9]*",
 
 
 def is_remote(url):
@@ -91,12 +99,12 @@ def variant_kind(variant):
 
 
 def train_settings(wildcards):
-    """TrainSettings of one run: the config's training block plus variant kind, image size and seed."""
+    """TrainSettings of one run: the config's training block plus variant kind, image size and the run's seed."""
     return {
         **SD4["training"],
         "variant": variant_kind(wildcards.variant),
         "image_size": config["image_size"],
-        "seed": config["seed"],
+        "seed": int(wildcards.seed),
     }
 
 
@@ -106,6 +114,16 @@ def cpm_options(wildcards):
     return (
         None if cfg["kind"] != "cpm" else {k: v for k, v in cfg.items() if k != "kind"}
     )
+
+
+def seeds_of(trainset, variant):
+    """Replicate seeds of one run (`seeds`, or its `seeds_per_run` entry); the first is its primary seed."""
+    return run_seeds(config, trainset, variant)
+
+
+def primary(trainset, variant):
+    """The primary seed of a run: the prompt the single-prompt figures show."""
+    return primary_seed(config, trainset, variant)
 
 
 def train_runs():
@@ -132,12 +150,43 @@ def dino_cache(dataset, part):
     return f"{OUT}/cache/dinov2/{dataset}_{part}.safetensors"
 
 
-def prompt_file(trainset, variant):
-    return f"{OUT}/prompts/{trainset}/{variant}/prompt.safetensors"
+def run_dir(stage, trainset, variant, seed):
+    """`<OUT>/<stage>/<trainset>/<variant>/seed<k>`: the files of one seed of one run (stage: prompts,
+    sd4match, timesteps); `seed` may be the wildcard string "{seed}"."""
+    return f"{OUT}/{stage}/{trainset}/{variant}/{seed_dir(seed)}"
 
 
-def sd4match_summary(trainset, variant, dataset):
-    return f"{OUT}/sd4match/{trainset}/{variant}/{dataset}/summary.csv"
+def prompt_dir(trainset, variant, seed):
+    """One seed's prompt, loss curve and checkpoints."""
+    return run_dir("prompts", trainset, variant, seed)
+
+
+def prompt_file(trainset, variant, seed):
+    return f"{prompt_dir(trainset, variant, seed)}/prompt.safetensors"
+
+
+def loss_curve_file(trainset, variant, seed):
+    return f"{prompt_dir(trainset, variant, seed)}/loss_curve.csv"
+
+
+def sd4match_summary(trainset, variant, dataset, seed=None):
+    """Summary of one evaluation of one seed (None: the run's primary seed)."""
+    seed = primary(trainset, variant) if seed is None else seed
+    return f"{run_dir('sd4match', trainset, variant, seed)}/{dataset}/summary.csv"
+
+
+def sd4match_per_pair(trainset, variant, dataset, seed=None):
+    """Per-pair scores of one evaluation of one seed (None: the primary seed), for the bootstrap intervals."""
+    seed = primary(trainset, variant) if seed is None else seed
+    return f"{run_dir('sd4match', trainset, variant, seed)}/{dataset}/per_pair.csv"
+
+
+def sd4match_seed_summaries(trainset, variant, dataset):
+    """Summaries of every seed of one run on one test set: {seed: path}, primary seed first."""
+    return {
+        seed: sd4match_summary(trainset, variant, dataset, seed)
+        for seed in seeds_of(trainset, variant)
+    }
 
 
 def train_inputs(wildcards):
@@ -158,7 +207,7 @@ def train_inputs(wildcards):
 def evaluate_prompt_inputs(wildcards):
     """Inputs of one learned-prompt evaluation; DINOv2 tokens of the test images only for CPM."""
     inputs = {
-        "prompt": prompt_file(wildcards.trainset, wildcards.variant),
+        "prompt": prompt_file(wildcards.trainset, wildcards.variant, wildcards.seed),
         "pairs": pairs_table(wildcards.dataset, "test"),
         "data": fetch_record(wildcards.dataset),
         "sd_model": model_record(SD4["model"]),
@@ -170,12 +219,13 @@ def evaluate_prompt_inputs(wildcards):
 
 
 def sd4match_summaries(trainsets=TRAIN_SETS):
-    """Summaries of every configured (training set, variant, test set) evaluation."""
+    """Summaries of every configured (training set, variant, test set) evaluation, every seed."""
     return [
-        sd4match_summary(trainset, variant, dataset)
+        path
         for trainset, variant in train_runs()
         if trainset in trainsets
         for dataset in eval_datasets(trainset, variant)
+        for path in sd4match_seed_summaries(trainset, variant, dataset).values()
     ]
 
 
@@ -205,6 +255,10 @@ def zero_shot_summary(method, dataset):
     return f"{OUT}/zero_shot/{method}/{dataset}/summary.csv"
 
 
+def zero_shot_per_pair(method, dataset):
+    return f"{OUT}/zero_shot/{method}/{dataset}/per_pair.csv"
+
+
 def zero_shot_summaries(methods):
     """Summaries of zero-shot methods on each of their configured test sets."""
     return {
@@ -215,16 +269,38 @@ def zero_shot_summaries(methods):
     }
 
 
-def timestep_summary(t):
-    return (
-        f"{OUT}/timesteps/{FIG3B['trainset']}/{FIG3B['variant']}/spair_t{t}/summary.csv"
-    )
+def timestep_file(trainset, variant, dataset, t, seed, name="summary"):
+    """Fig. 3b: `<name>.csv` (summary or per_pair) of one seed of a run evaluated at timestep t."""
+    return f"{run_dir('timesteps', trainset, variant, seed)}/{dataset}_t{t}/{name}.csv"
+
+
+def timestep_summary(t, seed=None):
+    """Fig. 3b: the summary of the swept run at timestep t, one seed (None: the primary seed)."""
+    trainset, variant = FIG3B["trainset"], FIG3B["variant"]
+    seed = primary(trainset, variant) if seed is None else seed
+    return timestep_file(trainset, variant, "spair", t, seed)
+
+
+def timestep_seed_summaries(t):
+    """Fig. 3b: the summaries of every seed of the swept run at timestep t: {seed: path}."""
+    return {
+        seed: timestep_summary(t, seed)
+        for seed in seeds_of(FIG3B["trainset"], FIG3B["variant"])
+    }
 
 
 def fig3a_summaries():
-    """SPair-71k summaries of the six CPM conditioning cases (case number -> summary path)."""
+    """SPair-71k summaries of the six CPM conditioning cases, primary seeds (case number -> path)."""
     return {
         str(case): sd4match_summary(FIG3A["trainset"], variant, "spair")
+        for case, variant in FIG3A["cases"].items()
+    }
+
+
+def fig3a_seed_summaries():
+    """SPair-71k summaries of every seed of the six CPM cases (case number -> {seed: path})."""
+    return {
+        str(case): sd4match_seed_summaries(FIG3A["trainset"], variant, "spair")
         for case, variant in FIG3A["cases"].items()
     }
 

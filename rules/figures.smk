@@ -3,7 +3,11 @@
 
 rule fig3a:
     input:
-        summaries=list(fig3a_summaries().values()),
+        summaries=[
+            path
+            for seeds in fig3a_seed_summaries().values()
+            for path in seeds.values()
+        ],
         models=[model_record(SD4["model"]), model_record(SD4["dino_model"])],
     output:
         png=report(
@@ -28,7 +32,11 @@ rule fig3a:
 
 rule fig3b:
     input:
-        sd4match=[timestep_summary(t) for t in FIG3B["timesteps"]],
+        sd4match=[
+            path
+            for t in FIG3B["timesteps"]
+            for path in timestep_seed_summaries(t).values()
+        ],
         baseline=[
             zero_shot_summary(f"{FIG3B['baseline']}_t{t}", "spair")
             for t in FIG3B["timesteps"]
@@ -62,7 +70,7 @@ rule fig3b:
 
 rule fig4:
     input:
-        prompt=prompt_file("spair", "class"),
+        prompt=prompt_file("spair", "class", primary("spair", "class")),
         sd_model=model_record(SD4["model"]),
     output:
         png=report(
@@ -85,7 +93,7 @@ rule fig4:
 
 rule fig5:
     input:
-        prompt=prompt_file("spair", "cpm"),
+        prompt=prompt_file("spair", "cpm", primary("spair", "cpm")),
         sd_model=model_record(SD4["model"]),
         dino_cache=dino_cache("spair", "test"),
         pairs=pairs_table("spair", "test"),
@@ -111,7 +119,7 @@ rule fig5:
 
 rule qualitative:
     input:
-        prompt=prompt_file("spair", "cpm"),
+        prompt=prompt_file("spair", "cpm", primary("spair", "cpm")),
         sd_model=model_record(SD4["model"]),
         dino_cache=dino_cache("spair", "test"),
         pairs=pairs_table("spair", "test"),
@@ -134,7 +142,7 @@ rule qualitative:
         evaluation=SD4["evaluation"],
         matching=config["matching"],
         image_size=config["image_size"],
-        seed=config["seed"],
+        seed=primary("spair", "cpm"),  # the noise of that prompt's evaluation: the figure shows its matches
         provenance=PROVENANCE,
     script:
         "../workflow_scripts/qualitative.py"

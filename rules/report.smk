@@ -70,10 +70,11 @@ rule table2:
         zero_shot=[
             zero_shot_summary(m, "spair") for m in ("dino", "dinov2", "dift", "sddino")
         ],
-        sd4match=[
-            sd4match_summary("spair", v, "spair")
+        sd4match=[  # every seed; params name the primary seeds
+            path
             for t, v in train_runs()
             if t == "spair"
+            for path in sd4match_seed_summaries("spair", v, "spair").values()
         ],
         models=[
             model_record(m)

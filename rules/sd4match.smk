@@ -1,16 +1,16 @@
-"""Evaluation of learned prompts on the three test sets (t=50, ensemble 8, every matching method)."""
+"""Evaluation of learned prompts (one job per seed) on the test sets (t=50, ensemble 8, every matching method)."""
 
 
 rule evaluate_prompt:
     input:
         unpack(evaluate_prompt_inputs),
     output:
-        per_pair=f"{OUT}/sd4match/{{trainset}}/{{variant}}/{{dataset}}/per_pair.csv",
-        summary=sd4match_summary("{trainset}", "{variant}", "{dataset}"),
+        per_pair=sd4match_per_pair("{trainset}", "{variant}", "{dataset}", "{seed}"),
+        summary=sd4match_summary("{trainset}", "{variant}", "{dataset}", "{seed}"),
     log:
-        "logs/sd4match/{trainset}_{variant}_{dataset}.log",
+        "logs/sd4match/{trainset}_{variant}_seed{seed}_{dataset}.log",
     benchmark:
-        "benchmarks/sd4match/{trainset}_{variant}_{dataset}.tsv"
+        "benchmarks/sd4match/{trainset}_{variant}_seed{seed}_{dataset}.tsv"
     conda:
         CONDA_ENV
     resources:
@@ -22,7 +22,7 @@ rule evaluate_prompt:
         alphas=config["evaluation"]["alphas"],
         max_pairs=config["evaluation"]["max_pairs"],
         image_size=config["image_size"],
-        seed=config["seed"],
+        seed=lambda wc: int(wc.seed),  # the run's seed also seeds its evaluation noise
     script:
         "../workflow_scripts/evaluate_prompt.py"
 
@@ -31,12 +31,14 @@ rule evaluate_prompt_timestep:
     input:
         unpack(evaluate_prompt_inputs),
     output:
-        per_pair=f"{OUT}/timesteps/{{trainset}}/{{variant}}/{{dataset}}_t{{t}}/per_pair.csv",
-        summary=f"{OUT}/timesteps/{{trainset}}/{{variant}}/{{dataset}}_t{{t}}/summary.csv",
+        per_pair=timestep_file(
+            "{trainset}", "{variant}", "{dataset}", "{t}", "{seed}", "per_pair"
+        ),
+        summary=timestep_file("{trainset}", "{variant}", "{dataset}", "{t}", "{seed}"),
     log:
-        "logs/sd4match/{trainset}_{variant}_{dataset}_t{t}.log",
+        "logs/sd4match/{trainset}_{variant}_seed{seed}_{dataset}_t{t}.log",
     benchmark:
-        "benchmarks/sd4match/{trainset}_{variant}_{dataset}_t{t}.tsv"
+        "benchmarks/sd4match/{trainset}_{variant}_seed{seed}_{dataset}_t{t}.tsv"
     conda:
         CONDA_ENV
     resources:
@@ -48,6 +50,6 @@ rule evaluate_prompt_timestep:
         alphas=config["evaluation"]["alphas"],
         max_pairs=config["evaluation"]["max_pairs"],
         image_size=config["image_size"],
-        seed=config["seed"],
+        seed=lambda wc: int(wc.seed),  # the run's seed also seeds its evaluation noise
     script:
         "../workflow_scripts/evaluate_prompt.py"

@@ -1,4 +1,4 @@
-"""Named targets: `snakemake <name>` builds one table, figure or ablation and only what it needs."""
+"""Named targets: `snakemake <name>` builds one table, figure or ablation (every seed) and only what it needs."""
 
 
 rule tables:
@@ -13,29 +13,53 @@ rule figures:
 
 rule ablation_cpm_pair_local:
     input:
-        sd4match_summary(FIG3A["trainset"], FIG3A["cases"][1], "spair"),
+        list(
+            sd4match_seed_summaries(
+                FIG3A["trainset"], FIG3A["cases"][1], "spair"
+            ).values()
+        ),
 
 
 rule ablation_cpm_pair_global:
     input:
-        sd4match_summary(FIG3A["trainset"], FIG3A["cases"][2], "spair"),
+        list(
+            sd4match_seed_summaries(
+                FIG3A["trainset"], FIG3A["cases"][2], "spair"
+            ).values()
+        ),
 
 
 rule ablation_cpm_individual_local:
     input:
-        sd4match_summary(FIG3A["trainset"], FIG3A["cases"][3], "spair"),
+        list(
+            sd4match_seed_summaries(
+                FIG3A["trainset"], FIG3A["cases"][3], "spair"
+            ).values()
+        ),
 
 
 rule ablation_cpm_individual_global:
     input:
-        sd4match_summary(FIG3A["trainset"], FIG3A["cases"][4], "spair"),
+        list(
+            sd4match_seed_summaries(
+                FIG3A["trainset"], FIG3A["cases"][4], "spair"
+            ).values()
+        ),
 
 
 rule ablation_cpm_no_global:
     input:
-        sd4match_summary(FIG3A["trainset"], FIG3A["cases"][5], "spair"),
+        list(
+            sd4match_seed_summaries(
+                FIG3A["trainset"], FIG3A["cases"][5], "spair"
+            ).values()
+        ),
 
 
 rule ablation_cpm_no_gn:
     input:
-        sd4match_summary(FIG3A["trainset"], FIG3A["cases"][6], "spair"),
+        list(
+            sd4match_seed_summaries(
+                FIG3A["trainset"], FIG3A["cases"][6], "spair"
+            ).values()
+        ),

@@ -1,16 +1,16 @@
-"""SD4Match prompt tuning: one GPU job per (training set, prompt variant), resumable from checkpoints."""
+"""SD4Match prompt tuning: one GPU job per (training set, prompt variant, seed), resumable from checkpoints."""
 
 
 rule train_prompt:
     input:
         unpack(train_inputs),
     output:
-        prompt=prompt_file("{trainset}", "{variant}"),
-        curve=f"{OUT}/prompts/{{trainset}}/{{variant}}/loss_curve.csv",
+        prompt=prompt_file("{trainset}", "{variant}", "{seed}"),
+        curve=loss_curve_file("{trainset}", "{variant}", "{seed}"),
     log:
-        "logs/train/{trainset}_{variant}.log",
+        "logs/train/{trainset}_{variant}_seed{seed}.log",
     benchmark:
-        "benchmarks/train/{trainset}_{variant}.tsv"
+        "benchmarks/train/{trainset}_{variant}_seed{seed}.tsv"
     conda:
         CONDA_ENV
     resources:
@@ -23,6 +23,6 @@ rule train_prompt:
             "variant_name": wc.variant,
             "demo": DEMO,
         },
-        out_dir=lambda wc: f"{OUT}/prompts/{wc.trainset}/{wc.variant}/checkpoints",
+        out_dir=lambda wc: f"{prompt_dir(wc.trainset, wc.variant, wc.seed)}/checkpoints",
     script:
         "../workflow_scripts/train_prompt.py"

@@ -86,8 +86,10 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     counts = dry_run(
         "-d", str(empty_workdir), "--configfile", "config.yaml", "profiles/demo/world.yaml", cwd=empty_workdir
     )
-    # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 2 timesteps
+    # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 2 timesteps; it
+    # trains spair/single with a second seed (seeds_per_run), evaluated on the three test sets
     demo = PAPER_JOBS | {"evaluate_zero_shot": 27 - 9, "evaluate_prompt_timestep": 2}
+    demo |= {"train_prompt": 10 + 1, "evaluate_prompt": 18 + 3}
     demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1}
     assert counts == demo | {"total": sum(demo.values())}
 
@@ -107,7 +109,10 @@ def test_one_target_plans_only_its_jobs(empty_workdir: Path):
 
 def test_one_training_run_plans_only_its_jobs(empty_workdir: Path):
     counts = dry_run(
-        "-d", str(empty_workdir), "results/sd4match/spair/single/pfwillow/summary.csv", cwd=empty_workdir
+        "-d",
+        str(empty_workdir),
+        "results/sd4match/spair/single/seed0/pfwillow/summary.csv",
+        cwd=empty_workdir,
     )
     assert counts == {
         "fetch_dataset": 2,
@@ -133,6 +138,36 @@ def test_one_ablation_target_plans_only_its_jobs(empty_workdir: Path):
         "ablation_cpm_no_gn": 1,
         "total": 12,
     }
+
+
+def test_seeds_multiply_training_runs_and_their_evaluations(empty_workdir: Path):
+    counts = dry_run("-d", str(empty_workdir), "--config", "seeds=[0, 1, 2]", cwd=empty_workdir)
+    # every training run, its evaluations and the Fig. 3b sweep three times; zero-shot and figures once
+    tripled = {"train_prompt": 30, "evaluate_prompt": 54, "evaluate_prompt_timestep": 33}
+    assert counts == PAPER_JOBS | tripled | {"total": sum((PAPER_JOBS | tripled).values())}
+
+
+def test_one_seed_of_one_run_is_its_own_target(empty_workdir: Path):
+    target = "results/sd4match/spair/single/seed7/pfwillow/summary.csv"  # any seed, configured or not
+    counts = dry_run("-d", str(empty_workdir), target, cwd=empty_workdir)
+    assert counts["train_prompt"] == 1 and counts["evaluate_prompt"] == 1
+    ablation = dry_run(
+        "-d",
+        str(empty_workdir),
+        "ablation_cpm_no_gn",
+        "--config",
+        "seeds_per_run={spair/cpm_no_gn: [3, 4]}",
+        cwd=empty_workdir,
+    )
+    assert (ablation["train_prompt"], ablation["evaluate_prompt"]) == (2, 2)
+    result = snakemake(
+        "-n", "-d", str(empty_workdir), "--config", "seeds_per_run={spair/cpm_typo: [1]}", cwd=empty_workdir
+    )
+    assert result.returncode != 0
+    assert "key 'seeds_per_run.spair/cpm_typo' names variant 'cpm_typo'" in result.stdout + result.stderr
+    for bad in ("seeds=[]", "seeds=[0, 0]", "seeds=[-1]"):
+        result = snakemake("-n", "-d", str(empty_workdir), "--config", bad, cwd=empty_workdir)
+        assert result.returncode != 0 and "key 'seeds" in result.stdout + result.stderr, bad
 
 
 def test_named_table_target_plans_no_training(empty_workdir: Path):
@@ -192,11 +227,27 @@ def test_demo_dag_runs_end_to_end(empty_workdir: Path):
         # every pair scored once per matching method and alpha
         assert len(per_pair) == len(pairs) * 3 * 3
         assert per_pair["pck"].between(0, 100).all()
+    # two seeds of spair/single (seeds_per_run): two prompts, a spread, and intervals around summary.csv
+    from sd4match.uncertainty import intervals_from_file, seed_spread_from_files
+
+    run = out / "sd4match/spair/single"
+    prompts = [(out / f"prompts/spair/single/seed{k}/prompt.safetensors").read_bytes() for k in (0, 1)]
+    assert prompts[0] != prompts[1]
+    spread = seed_spread_from_files({k: run / f"seed{k}/spair/summary.csv" for k in (0, 1)})
+    assert (spread["n_seeds"] == 2).all() and spread["pck_per_image_std"].notna().all()
+    intervals = intervals_from_file(run / "seed0/spair/per_pair.csv")
+    summary = pd.read_csv(run / "seed0/spair/summary.csv")
+    assert intervals["category"].tolist() == summary["category"].tolist()
+    for kind in ("pck_per_image", "pck_per_keypoint"):
+        assert intervals[kind].to_numpy() == pytest.approx(summary[kind].to_numpy(), abs=1e-9)
+        assert (intervals[f"{kind}_lo"] <= intervals[kind] + 1e-9).all()
+        assert (intervals[kind] <= intervals[f"{kind}_hi"] + 1e-9).all()
     for log in (
         "demo/demo_datasets.log",
         "data/fetch_spair.log",
         "zero_shot/dift_spair.log",
-        "train/spair_cpm.log",
+        "train/spair_cpm_seed0.log",
+        "train/spair_single_seed1.log",
     ):
         assert (empty_workdir / "logs" / log).exists()
 
