@@ -34,6 +34,8 @@ use rule evaluate_prompt as evaluate_released_prompt with:
         "logs/released/{released_set}_{released_variant}_{dataset}.log",
     benchmark:
         "benchmarks/released/{released_set}_{released_variant}_{dataset}.tsv"
+    params:
+        seed=config["seed"],  # a released prompt has no seed of ours: the zero-shot noise seed
 
 
 rule released_prompts:
