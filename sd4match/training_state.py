@@ -55,8 +55,9 @@ CHECKPOINT_KEYS = (
     "best",
 )
 CURVE_COLUMNS = ("step", "loss", "val_pck")
-# Settings that do not change what a run computes; a checkpoint stays valid when they change.
-BOOKKEEPING_SETTINGS = ("checkpoint_every", "log_every")
+# Settings that do not change what a run computes; a checkpoint stays valid when they change (gradient
+# checkpointing only trades memory for time: a run killed by an out-of-memory error can resume with it).
+BOOKKEEPING_SETTINGS = ("checkpoint_every", "log_every", "gradient_checkpointing")
 # Identity entries shown setting by setting when they differ; the others are content digests or models.
 ITEMISED = ("settings", "cpm")
 IDENTITY_HASH_LENGTH = 16

@@ -391,6 +391,20 @@ def test_only_an_interrupted_run_resumes(
     assert steps == [3, 4]
 
 
+def test_a_run_killed_for_memory_resumes_with_gradient_checkpointing(world: dict, tmp_path: Path) -> None:
+    """Gradient checkpointing changes memory, not results: switching it on resumes the interrupted run."""
+    straight = make_job(world, tmp_path / "straight", steps=4)
+    killed = make_job(world, tmp_path / "killed", steps=4)
+    train_prompt(straight)
+    with pytest.raises(TrainingStopped):
+        train_prompt(killed, stop_after=3)
+    resumed = replace(killed, settings=replace(killed.settings, gradient_checkpointing=True))
+    trainer = PromptTrainer(resumed)
+    assert trainer.resume() and trainer.progress.step == 2
+    trainer.run()
+    assert Path(resumed.output).read_bytes() == Path(straight.output).read_bytes()
+
+
 @pytest.mark.parametrize(
     ("variant", "change", "named"),
     [
