@@ -8,6 +8,7 @@ rule latent_cache:
         model=model_record(SD4["model"]),
     output:
         cache=latent_cache("{dataset}"),
+        sidecar=latent_cache("{dataset}") + ".json",
     log:
         "logs/cache/latents_{dataset}.log",
     benchmark:
@@ -33,6 +34,7 @@ rule dino_cache:
         model=model_record(SD4["dino_model"]),
     output:
         cache=dino_cache("{dataset}", "{part}"),
+        sidecar=dino_cache("{dataset}", "{part}") + ".json",
     log:
         "logs/cache/dinov2_{dataset}_{part}.log",
     benchmark:

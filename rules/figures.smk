@@ -16,7 +16,9 @@ rule fig3a:
             category="Figures",
         ),
         pdf=f"{OUT}/figures/fig3a.pdf",
+        provenance=f"{OUT}/figures/fig3a.png.provenance.json",
         csv=f"{OUT}/tables/fig3a.csv",
+        csv_provenance=f"{OUT}/tables/fig3a.csv.provenance.json",
         md=f"{OUT}/tables/fig3a.md",
     log:
         "logs/figures/fig3a.log",
@@ -49,7 +51,9 @@ rule fig3b:
             category="Figures",
         ),
         pdf=f"{OUT}/figures/fig3b.pdf",
+        provenance=f"{OUT}/figures/fig3b.png.provenance.json",
         csv=f"{OUT}/tables/fig3b.csv",
+        csv_provenance=f"{OUT}/tables/fig3b.csv.provenance.json",
         md=f"{OUT}/tables/fig3b.md",
     log:
         "logs/figures/fig3b.log",
@@ -77,6 +81,7 @@ rule fig4:
             f"{OUT}/figures/fig4.png", caption="../report/fig4.rst", category="Figures"
         ),
         pdf=f"{OUT}/figures/fig4.pdf",
+        provenance=f"{OUT}/figures/fig4.png.provenance.json",
     log:
         "logs/figures/fig4.log",
     conda:
@@ -95,6 +100,7 @@ rule fig5:
     input:
         prompt=prompt_file("spair", "cpm", primary("spair", "cpm")),
         sd_model=model_record(SD4["model"]),
+        dinov2_model=model_record(SD4["dino_model"]),
         dino_cache=dino_cache("spair", "test"),
         pairs=pairs_table("spair", "test"),
         data=fetch_record("spair"),
@@ -103,6 +109,7 @@ rule fig5:
             f"{OUT}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"
         ),
         pdf=f"{OUT}/figures/fig5.pdf",
+        provenance=f"{OUT}/figures/fig5.png.provenance.json",
     log:
         "logs/figures/fig5.log",
     conda:
@@ -121,6 +128,7 @@ rule qualitative:
     input:
         prompt=prompt_file("spair", "cpm", primary("spair", "cpm")),
         sd_model=model_record(SD4["model"]),
+        dinov2_model=model_record(SD4["dino_model"]),
         dino_cache=dino_cache("spair", "test"),
         pairs=pairs_table("spair", "test"),
         data=fetch_record("spair"),
@@ -131,6 +139,7 @@ rule qualitative:
             category="Figures",
         ),
         pdf=f"{OUT}/figures/qualitative.pdf",
+        provenance=f"{OUT}/figures/qualitative.png.provenance.json",
     log:
         "logs/figures/qualitative.log",
     conda:

@@ -1,4 +1,9 @@
-"""SD4Match prompt tuning: one GPU job per (training set, prompt variant, seed), resumable from checkpoints."""
+"""SD4Match prompt tuning: one GPU job per (training set, prompt variant, seed), resumable from checkpoints.
+
+`checkpoints/` (checkpoint.pt, job.json) is resume state, deliberately not an output: Snakemake deletes a
+job's outputs before it runs, which would throw away an interrupted run. A finished run marks its
+checkpoint finished, so a rerun (--forcerun, an edit) trains again (sd4match/training_state.py).
+"""
 
 
 rule train_prompt:
@@ -6,6 +11,7 @@ rule train_prompt:
         unpack(train_inputs),
     output:
         prompt=prompt_file("{trainset}", "{variant}", "{seed}"),
+        sidecar=prompt_file("{trainset}", "{variant}", "{seed}") + ".json",
         curve=loss_curve_file("{trainset}", "{variant}", "{seed}"),
     log:
         "logs/train/{trainset}_{variant}_seed{seed}.log",

@@ -10,6 +10,7 @@ that does not belong to its file is detected. Loading with different expectation
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -19,13 +20,12 @@ from typing import Any, TypeVar
 import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from sd4match.data_sources import read_location
 from sd4match.datasets import load_image, read_pairs_table
 from sd4match.features import SDFeaturizer, preprocess, sample_latents
-from sd4match.io import atomic_path, write_json_atomic
+from sd4match.io import write_json_atomic
 from sd4match.models import (
     ModelRecord,
     SDComponents,
@@ -33,6 +33,7 @@ from sd4match.models import (
     load_stable_diffusion,
     read_model_record,
 )
+from sd4match.tensor_files import save_tensors
 
 CACHE_KINDS = ("latents", "dino")
 KIND_FIELDS: dict[str, tuple[str, ...]] = {"latents": ("mean", "std"), "dino": ("tokens", "global")}
@@ -137,10 +138,8 @@ def _build_meta(meta: dict[str, Any], kind: str, keys: list[str], image_size: in
 
 
 def _write_cache(tensors: dict[str, Tensor], out_path: PathLike, meta: dict[str, Any]) -> None:
-    """Write the tensors (with the meta in the header) atomically, then the JSON sidecar atomically."""
-    header = {HEADER_META_KEY: json.dumps(meta, sort_keys=True)}
-    with atomic_path(out_path) as tmp:
-        save_file(tensors, tmp, metadata=header)
+    """Write the tensors (with the meta in the header) atomically and reproducibly, then the JSON sidecar."""
+    save_tensors(tensors, out_path, {HEADER_META_KEY: json.dumps(meta, sort_keys=True)})
     write_json_atomic(sidecar_path(out_path), meta)
 
 
@@ -152,9 +151,16 @@ def _chunks(items: list[tuple[str, bool]], size: int) -> Iterator[list[tuple[str
         yield items[start : start + size]
 
 
-def _row(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """A standalone CPU copy of one batch row (safetensors refuses tensors sharing storage)."""
-    return tensor.detach().to("cpu", dtype).contiguous().clone()
+def _row(tensor: Tensor, dtype: torch.dtype, out_path: PathLike, name: str) -> Tensor:
+    """A standalone CPU copy of one batch row as stored (safetensors refuses tensors sharing storage); a
+    NaN/inf value, or one the storage dtype cannot hold, stops the build naming the cache and tensor."""
+    row = tensor.detach().to("cpu", dtype).contiguous().clone()
+    if not bool(torch.isfinite(row).all()):
+        raise FloatingPointError(
+            f"cache {out_path}: tensor {name!r} is not finite in {dtype} (NaN/inf from the model, or beyond "
+            f"the range of {dtype}); nothing written"
+        )
+    return row
 
 
 def build_latent_cache(
@@ -177,8 +183,9 @@ def build_latent_cache(
         mean, std = featurizer.latent_distribution(pixels)
         for (relpath, flip), mean_row, std_row in zip(chunk, mean, std, strict=True):
             key = image_key(relpath, flip)
-            tensors[tensor_name(key, "mean")] = _row(mean_row, torch.float32)
-            tensors[tensor_name(key, "std")] = _row(std_row, torch.float32)
+            for field, row in (("mean", mean_row), ("std", std_row)):
+                name = tensor_name(key, field)
+                tensors[name] = _row(row, torch.float32, out_path, name)
     record = _build_meta(meta, "latents", [image_key(*image) for image in images], image_size)
     _write_cache(tensors, out_path, record)
     return record
@@ -218,8 +225,9 @@ def build_dino_cache(
         )
         for (relpath, flip), tokens_row, global_row in zip(chunk, tokens, global_, strict=True):
             key = image_key(relpath, flip)
-            tensors[tensor_name(key, "tokens")] = _row(tokens_row, torch.float16)
-            tensors[tensor_name(key, "global")] = _row(global_row, torch.float16)
+            for field, row in (("tokens", tokens_row), ("global", global_row)):
+                name = tensor_name(key, field)
+                tensors[name] = _row(row, torch.float16, out_path, name)
     record = _build_meta(meta, "dino", [image_key(*image) for image in images], None)
     _write_cache(tensors, out_path, record)
     return record
@@ -239,17 +247,38 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_meta(path: PathLike, meta: dict[str, Any], expect_meta: dict[str, Any]) -> None:
+def check_meta(
+    path: PathLike, meta: dict[str, Any], expect_meta: dict[str, Any], source: PathLike | None = None
+) -> None:
     """Raise "stale cache" naming the file and the first key whose recorded value differs from
-    ``expect_meta`` (every key of ``expect_meta`` but the key list is compared)."""
+    ``expect_meta`` (every key of ``expect_meta`` but the key list is compared); ``source`` is the model
+    record the expectation comes from, named in the message."""
+    origin = "" if source is None else f" from model record {source}"
     for key, expected in _jsonable(expect_meta).items():
         if key in RESERVED_META_KEYS:
             continue
         if key not in meta or meta[key] != expected:
             raise ValueError(
                 f"stale cache {path}: {key!r} is {meta.get(key, '<absent>')!r} in {sidecar_path(path)}, "
-                f"expected {expected!r}; rebuild the cache"
+                f"expected {expected!r}{origin}; rebuild the cache"
             )
+
+
+def require_finite(path: PathLike, tensors: dict[str, Tensor]) -> None:
+    """Raise naming the cache file and the first tensor holding NaN/inf."""
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"cache {path}: tensor {name!r} holds NaN/inf values; rebuild the cache")
+
+
+def tensors_digest(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
+    """sha256 over the meta record and every tensor (name, dtype, shape, bytes) in name order."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -274,17 +303,21 @@ class TensorCache:
         self.path = path
         self.meta = meta
         self._tensors = tensors
+        self._digest: str | None = None
 
     @classmethod
-    def load(cls: type[CacheT], path: PathLike, expect_meta: dict[str, Any]) -> CacheT:
-        """Open a cache file: sidecar present and matching ``expect_meta``, header and tensors consistent."""
+    def load(
+        cls: type[CacheT], path: PathLike, expect_meta: dict[str, Any], source: PathLike | None = None
+    ) -> CacheT:
+        """Open a cache file: sidecar present and matching ``expect_meta`` (derived from the model record
+        ``source``, named in errors), header and tensors consistent, every value finite."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"cache file {path} does not exist")
         meta = _read_sidecar(path)
         if meta.get("kind") != cls.kind:
             raise ValueError(f"cache {path}: kind is {meta.get('kind')!r}, expected {cls.kind!r}")
-        check_meta(path, meta, expect_meta)
+        check_meta(path, meta, expect_meta, source)
         tensors, header_meta = _read_tensors(path)
         if header_meta != meta:
             raise ValueError(
@@ -294,7 +327,15 @@ class TensorCache:
         absent = [name for name in names if name not in tensors]
         if absent:
             raise ValueError(f"cache {path}: tensors {absent[:3]} listed in the sidecar are missing")
+        require_finite(path, tensors)
         return cls(path, meta, tensors)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the cache's content (meta and tensors): what a training run's identity records."""
+        if self._digest is None:
+            self._digest = tensors_digest(self._tensors, self.meta)
+        return self._digest
 
     @property
     def keys(self) -> list[str]:
@@ -361,6 +402,16 @@ class DinoCache(TensorCache):
     def global_(self, keys: Sequence[str], device: torch.device | str | None = None) -> Tensor:
         """Global descriptors (pooler output) ``(B, D)`` float32."""
         return self.stack(keys, "global", device)
+
+
+def open_dino_cache(cache_path: PathLike, record_path: PathLike) -> DinoCache:
+    """A DINOv2 cache checked against the model record actually used: revision and the processor's
+    preprocessing (read from the record's folder); a mismatch names the cache's sidecar and the record."""
+    from transformers import AutoImageProcessor
+
+    record = read_model_record(record_path)
+    processor = AutoImageProcessor.from_pretrained(record.local_path)
+    return DinoCache.load(cache_path, cache_meta(record, None, "dino", processor), source=record_path)
 
 
 def run_latent_cache(

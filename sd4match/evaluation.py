@@ -250,6 +250,54 @@ def evaluate_pairs_conditional(
     return per_pair_frame(scores)
 
 
+# Sidecar metadata keys naming the models a prompt was trained with, as ``training`` writes them.
+PROMPT_MODEL_KEYS = {"sd_model": "Stable Diffusion", "dinov2_model": "DINOv2"}
+
+
+def _check_prompt_model(
+    prompt_path: str | Path, meta: dict[str, Any], key: str, record_path: str | Path
+) -> None:
+    """The prompt's sidecar must record the model (``{"id", "revision"}``) of the record actually used."""
+    from sd4match.prompt_learning import sidecar_path
+
+    side = sidecar_path(prompt_path)
+    recorded = meta.get(key)
+    if not isinstance(recorded, dict) or "revision" not in recorded:
+        raise ValueError(
+            f"prompt sidecar {side} records no {key!r} (the {PROMPT_MODEL_KEYS[key]} model it was trained "
+            f"with), so it cannot be checked against model record {record_path}; retrain the prompt, or "
+            f'record "{key}": {{"id": ..., "revision": ...}} in the sidecar\'s metadata'
+        )
+    record = read_model_record(record_path)
+    if recorded["revision"] != record.revision_resolved:
+        raise ValueError(
+            f"prompt sidecar {side}: the prompt was trained with {PROMPT_MODEL_KEYS[key]} "
+            f"{recorded.get('id')!r} revision {recorded['revision']!r}, but model record {record_path} is "
+            f"{record.id!r} revision {record.revision_resolved!r}: evaluate it with the model it was trained "
+            f"with, or retrain it with this one"
+        )
+
+
+def check_prompt_models(
+    prompt_path: str | Path, sd_record_path: str | Path, dino_record_path: str | Path | None = None
+) -> dict[str, Any]:
+    """Refuse a prompt trained with other models than the records used: its sidecar's ``sd_model`` (and, for
+    CPM, ``dinov2_model``) revision must equal the record's; errors name the sidecar and the record. Returns
+    the sidecar's metadata."""
+    from sd4match.prompt_learning import read_sidecar
+
+    data = read_sidecar(prompt_path)
+    if data["variant"] == "cpm" and dino_record_path is None:
+        raise ValueError(
+            f"prompt {prompt_path} is conditional (CPM) and needs a DINOv2 cache of the test images and the "
+            f"DINOv2 model record"
+        )
+    _check_prompt_model(prompt_path, data["metadata"], "sd_model", sd_record_path)
+    if data["variant"] == "cpm":
+        _check_prompt_model(prompt_path, data["metadata"], "dinov2_model", dino_record_path)
+    return data["metadata"]
+
+
 def run_prompt_evaluation(
     prompt_path: str | Path,
     pairs_path: str | Path,
@@ -269,15 +317,19 @@ def run_prompt_evaluation(
     summary_out: str | Path,
 ) -> pd.DataFrame:
     """SD4Match with a learned prompt on one test set: per-image reuse for Single/Class, per pair for CPM."""
-    from sd4match.caches import DinoCache
+    from sd4match.caches import open_dino_cache
     from sd4match.features import SDFeaturizer
     from sd4match.prompt_learning import load_prompt
 
+    if dino_cache_path is not None and dino_record_path is None:
+        raise ValueError(f"DINOv2 cache {dino_cache_path} given without the DINOv2 model record to check it")
+    check_prompt_models(prompt_path, model_record_path, dino_record_path)
+    dino = None if dino_cache_path is None else open_dino_cache(dino_cache_path, dino_record_path)
     pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
     root = read_location(location_path).root
     record = read_model_record(model_record_path)
     components = load_stable_diffusion(record.local_path, device=device)
-    module, meta = load_prompt(prompt_path, components.text_encoder, components.tokenizer)
+    module, _ = load_prompt(prompt_path, components.text_encoder, components.tokenizer)
     module = module.to(device).eval()
     autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[features["precision"]]
     featurizer = SDFeaturizer(
@@ -300,11 +352,10 @@ def run_prompt_evaluation(
         features_for = sd_text_prompt_features(featurizer, module, root, image_size, t, ensemble, seed)
         per_pair = evaluate_pairs(pairs, features_for, settings)
     else:
-        if dino_cache_path is None:
+        if dino is None:
             raise ValueError(
                 f"prompt {prompt_path} is conditional (CPM) and needs a DINOv2 cache of the test images"
             )
-        dino = DinoCache.load(dino_cache_path, expect_meta={})
         per_pair = evaluate_pairs_conditional(
             pairs, module, featurizer, dino, root, settings, t, ensemble, seed, evaluation["pair_batch"]
         )

@@ -1,7 +1,9 @@
 """Build the paper's figures from pipeline outputs: Fig. 3a/3b tables + plots, Fig. 4/5 generations, matches.
 
 Each ``make_*`` function is what a Snakemake figure rule calls; it reads summaries, prompts and caches,
-writes PNG + PDF (and the figure's table as CSV + Markdown where it has one) and a provenance sidecar.
+writes PNG + PDF (and the figure's table as CSV + Markdown where it has one) and a provenance sidecar
+``<png>.provenance.json`` (``provenance_path``), all declared outputs of the rule. Prompts and caches are
+checked against the model records the figure uses before any work (``evaluation.check_prompt_models``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from sd4match.caches import DinoCache
+from sd4match.caches import DinoCache, open_dino_cache
 from sd4match.data_sources import read_location
 from sd4match.datasets import read_pairs_table
-from sd4match.evaluation import MatchingSettings, conditional_pair_features, predict_pair
+from sd4match.evaluation import (
+    MatchingSettings,
+    check_prompt_models,
+    conditional_pair_features,
+    predict_pair,
+)
 from sd4match.features import SDFeaturizer
 from sd4match.figures import (
     fig3a_cpm_ablation,
@@ -38,9 +45,14 @@ from sd4match.prompt_learning import load_prompt
 from sd4match.reporting import Provenance, write_table
 
 
+def provenance_path(png: str | Path) -> Path:
+    """The provenance sidecar of a figure: ``<png>.provenance.json``."""
+    return Path(f"{png}.provenance.json")
+
+
 def _sidecar(png: str | Path, prov: Provenance, what: str) -> None:
     """Provenance of a figure beside its PNG (config hash, models, code version, demo flag, protocol)."""
-    write_json_atomic(f"{png}.provenance.json", {"figure": what, **prov.__dict__})
+    write_json_atomic(provenance_path(png), {"figure": what, **prov.__dict__})
 
 
 def make_fig3a(
@@ -104,6 +116,7 @@ def make_fig4(
     device: str,
 ) -> None:
     """Fig. 4: images SD generates from the learned SD4Match-Class prompts of selected categories."""
+    check_prompt_models(prompt_path, sd_record)
     components = load_stable_diffusion(read_model_record(sd_record).local_path, device=device)
     images = class_prompt_images(prompt_path, components, categories, generation_settings(gen))
     prompt_generation_grid(
@@ -118,18 +131,28 @@ def make_fig4(
 
 
 def _pair_figure_inputs(
-    sd_record: str, dino_cache_path: str, pairs_path: str, location_path: str, n_pairs: int, device: str
+    prompt_path: str,
+    sd_record: str,
+    dino_record: str,
+    dino_cache_path: str,
+    pairs_path: str,
+    location_path: str,
+    n_pairs: int,
+    device: str,
 ) -> tuple[Any, pd.DataFrame, DinoCache, str]:
-    """What the per-pair figures load: SD components, the first pairs, DINOv2 tokens, dataset root."""
+    """What the per-pair (CPM) figures load, the prompt and DINOv2 cache checked against the model records
+    first: SD components, the first pairs, DINOv2 tokens, dataset root."""
+    check_prompt_models(prompt_path, sd_record, dino_record)
+    dino = open_dino_cache(dino_cache_path, dino_record)
     components = load_stable_diffusion(read_model_record(sd_record).local_path, device=device)
     pairs = read_pairs_table(pairs_path).head(n_pairs)
-    dino = DinoCache.load(dino_cache_path, expect_meta={"kind": "dino"})
     return components, pairs, dino, read_location(location_path).root
 
 
 def make_fig5(
     prompt_path: str,
     sd_record: str,
+    dino_record: str,
     dino_cache_path: str,
     pairs_path: str,
     location_path: str,
@@ -141,7 +164,9 @@ def make_fig5(
     device: str,
 ) -> None:
     """Fig. 5: images SD generates from the CPM prompts of selected pairs, next to the pair."""
-    inputs = _pair_figure_inputs(sd_record, dino_cache_path, pairs_path, location_path, n_pairs, device)
+    inputs = _pair_figure_inputs(
+        prompt_path, sd_record, dino_record, dino_cache_path, pairs_path, location_path, n_pairs, device
+    )
     components, pairs, dino, root = inputs
     generations = cpm_prompt_images(prompt_path, components, dino, pairs, generation_settings(gen))
     prompt_generation_grid(
@@ -158,6 +183,7 @@ def make_fig5(
 def make_qualitative(
     prompt_path: str,
     sd_record: str,
+    dino_record: str,
     dino_cache_path: str,
     pairs_path: str,
     location_path: str,
@@ -172,7 +198,9 @@ def make_qualitative(
     device: str,
 ) -> None:
     """Predicted (SD4Match-CPM, reported matching) vs ground-truth matches on the first few test pairs."""
-    inputs = _pair_figure_inputs(sd_record, dino_cache_path, pairs_path, location_path, n_pairs, device)
+    inputs = _pair_figure_inputs(
+        prompt_path, sd_record, dino_record, dino_cache_path, pairs_path, location_path, n_pairs, device
+    )
     components, pairs, dino, root = inputs
     module, _ = load_prompt(prompt_path, components.text_encoder, components.tokenizer)
     featurizer = SDFeaturizer(components, device=device)

@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sd4match.io import atomic_path, write_json_atomic
+from sd4match.io import write_json_atomic
 from sd4match.prompts import (
     hidden_size,
     position_embeddings,
@@ -28,6 +28,7 @@ from sd4match.prompts import (
     sos_eos_embeddings,
     token_embeddings,
 )
+from sd4match.tensor_files import save_tensors
 
 VARIANTS = ("single", "class", "cpm")
 CONDITIONS = ("pair", "individual")
@@ -432,8 +433,10 @@ def save_prompt(module: LearnedPrompt, path: str | Path, metadata: dict[str, Any
     tensors = {
         name: tensor.detach().float().cpu().contiguous() for name, tensor in module.state_dict().items()
     }
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": SIDECAR_FORMAT, "variant": module.variant})
+    bad = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise FloatingPointError(f"save_prompt {target}: parameters {bad} are not finite; nothing written")
+    save_tensors(tensors, target, metadata={"format": SIDECAR_FORMAT, "variant": module.variant})
     write_json_atomic(sidecar_path(target), sidecar)
 
 
@@ -504,6 +507,9 @@ def load_prompt(
         tensors = load_file(str(source))
     except (SafetensorError, OSError) as error:
         raise ValueError(f"prompt file {source}: unreadable safetensors ({error})") from error
+    bad = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ValueError(f"prompt file {source}: parameters {bad} hold NaN/inf values; retrain the prompt")
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as error:

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sd4match.caches import (
     DinoCache,
@@ -246,3 +248,91 @@ def test_dino_flipped_entry_differs_and_processor_change_is_stale(dino_cache: Pa
     meta["processor"]["crop_size"] = {"height": 196, "width": 196}
     with pytest.raises(ValueError, match=r"stale cache .*dino\.safetensors.*'processor'"):
         DinoCache.load(dino_cache, meta)
+
+
+# ------------------------------------------------------------------------------ finite, reproducible, digest
+
+
+def test_identical_builds_write_byte_identical_caches(
+    latent_cache: Path, dino_cache: Path, featurizer: SDFeaturizer, dinov2: tuple, root: Path, pairs, tmp_path
+) -> None:
+    latents = tmp_path / "latents.safetensors"
+    build_latent_cache(
+        [pairs], root, featurizer, S, latents, cache_meta(SD_RECORD, S, "latents"), batch_size=2
+    )
+    model, processor = dinov2
+    dino = tmp_path / "dino.safetensors"
+    build_dino_cache(
+        [pairs], root, model, processor, dino, cache_meta(DINO_RECORD, None, "dino", processor), 2
+    )
+    for built, reference in ((latents, latent_cache), (dino, dino_cache)):
+        assert built.read_bytes() == reference.read_bytes()
+        assert sidecar_path(built).read_bytes() == sidecar_path(reference).read_bytes()
+
+
+def test_non_finite_latents_stop_the_build_naming_file_and_image(
+    featurizer: SDFeaturizer, root: Path, pairs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = featurizer.latent_distribution
+
+    def poisoned(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = real(pixels)
+        return mean, std.index_fill(0, torch.tensor([1]), float("inf"))  # second image of each batch
+
+    monkeypatch.setattr(featurizer, "latent_distribution", poisoned)
+    out = tmp_path / "latents.safetensors"
+    with pytest.raises(FloatingPointError, match=r"latents\.safetensors: .*'cat/b\.png\|0::std'.*not finite"):
+        build_latent_cache([pairs], root, featurizer, S, out, cache_meta(SD_RECORD, S, "latents"), 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dino_tokens_overflowing_float16_stop_the_build(
+    dinov2: tuple, root: Path, pairs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sd4match import caches
+
+    real = caches.dino_features
+    monkeypatch.setattr(caches, "dino_features", lambda *a: (real(*a)[0] * 1e6, real(*a)[1]))
+    model, processor = dinov2
+    out = tmp_path / "dino.safetensors"
+    meta = cache_meta(DINO_RECORD, None, "dino", processor)
+    with pytest.raises(FloatingPointError, match=r"dino\.safetensors: .*'cat/a\.png\|0::tokens'.*not finite"):
+        build_dino_cache([pairs], root, model, processor, out, meta, 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_holding_nan_is_refused_when_loaded(latent_cache: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.safetensors"
+    with safe_open(latent_cache, framework="pt") as handle:
+        header = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    tensors["dog/c.png|0::mean"][0, 1, 2] = float("nan")
+    save_file(tensors, copy, metadata=header)
+    sidecar_path(copy).write_text(sidecar_path(latent_cache).read_text())
+    with pytest.raises(ValueError, match=r"copy\.safetensors: tensor 'dog/c\.png\|0::mean' holds NaN/inf"):
+        LatentCache.load(copy, cache_meta(SD_RECORD, S, "latents"))
+
+
+def test_digest_identifies_the_content(latent_cache: Path, tmp_path: Path) -> None:
+    meta = cache_meta(SD_RECORD, S, "latents")
+    cache = LatentCache.load(latent_cache, meta)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(latent_cache.read_bytes())
+    sidecar_path(copy).write_text(sidecar_path(latent_cache).read_text())
+    assert LatentCache.load(copy, meta).digest == cache.digest and len(cache.digest) == 64
+    with safe_open(latent_cache, framework="pt") as handle:
+        header = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    tensors["dog/c.png|0::mean"][0, 1, 2] += 1e-3
+    save_file(tensors, copy, metadata=header)
+    assert LatentCache.load(copy, meta).digest != cache.digest
+
+
+def test_stale_cache_names_the_model_record_it_was_checked_against(latent_cache: Path) -> None:
+    other = ModelRecord("sd21", "/models/sd21", "main", "zzz999", "/models/sd21", "local")
+    with pytest.raises(
+        ValueError,
+        match=r"stale cache .*latents\.safetensors\.json, expected 'zzz999' from model record "
+        r"records/sd21\.json",
+    ):
+        LatentCache.load(latent_cache, cache_meta(other, S, "latents"), source="records/sd21.json")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 
@@ -19,7 +24,9 @@ from sd4match.evaluation import (
 from sd4match.features import SDFeaturizer
 from sd4match.fetch import extract
 from sd4match.models import ModelSpec, load_dinov2, load_stable_diffusion, resolve_model, write_model_record
+from sd4match.paper_figures import make_fig4, make_qualitative
 from sd4match.prompt_learning import CPMConfig, build_prompt_module, save_prompt
+from sd4match.reporting import Provenance
 from sd4match.tiny_models import build_tiny_dinov2, build_tiny_stable_diffusion
 
 S = 64
@@ -51,7 +58,32 @@ def world(tmp_path_factory):
     write_model_record(sd_record, base / "sd21.json")
     write_model_record(dino_record, base / "dinov2.json")
     components = load_stable_diffusion(sd_dir)
-    return {"base": base, "pairs": pairs, "components": components, "dino_record": dino_record}
+    return {
+        "base": base,
+        "pairs": pairs,
+        "components": components,
+        "sd_record": sd_record,
+        "dino_record": dino_record,
+        "dino_dir": dino_dir,
+    }
+
+
+def trained_with(
+    world, variant: str, sd_revision: str | None = None, dino_revision: str | None = None
+) -> dict:
+    """Prompt metadata naming the models it was trained with (as training writes it)."""
+    sd, dino = world["sd_record"], world["dino_record"]
+    meta = {"variant": variant, "sd_model": {"id": sd.id, "revision": sd_revision or sd.revision_resolved}}
+    if variant == "cpm":
+        meta["dinov2_model"] = {"id": dino.id, "revision": dino_revision or dino.revision_resolved}
+    return meta
+
+
+def save_tiny_prompt(world, path, variant: str, metadata: dict):
+    c = world["components"]
+    cpm = TINY_CPM if variant == "cpm" else None
+    save_prompt(build_prompt_module(variant, c.text_encoder, c.tokenizer, cpm=cpm), path, metadata)
+    return path
 
 
 def _featurizer(world) -> SDFeaturizer:
@@ -85,7 +117,6 @@ def test_cpm_features_per_pair_in_batches(world):
 
 
 def test_run_prompt_evaluation_writes_per_pair_and_summary(world, tmp_path):
-    c = world["components"]
     base = world["base"]
     settings = dict(
         pairs_path=base / "pairs.parquet",
@@ -105,10 +136,8 @@ def test_run_prompt_evaluation_writes_per_pair_and_summary(world, tmp_path):
         device="cpu",
     )
     for variant in ("single", "cpm"):
-        prompt = tmp_path / f"{variant}.safetensors"
-        cpm = TINY_CPM if variant == "cpm" else None
-        save_prompt(
-            build_prompt_module(variant, c.text_encoder, c.tokenizer, cpm=cpm), prompt, {"variant": variant}
+        prompt = save_tiny_prompt(
+            world, tmp_path / f"{variant}.safetensors", variant, trained_with(world, variant)
         )
         dino = (base / "dino.safetensors", base / "dinov2.json") if variant == "cpm" else (None, None)
         summary = run_prompt_evaluation(
@@ -148,3 +177,119 @@ def test_cpm_without_dino_tokens_fails_clearly(world, tmp_path):
             tmp_path / "p.csv",
             tmp_path / "s.csv",
         )
+
+
+# ------------------------------------------------------------------------------- what evaluation is fed
+
+
+def evaluate(world, tmp_path, prompt, sd_record=None, dino_cache=None, dino_record=None):
+    base = world["base"]
+    return run_prompt_evaluation(
+        prompt,
+        base / "pairs.parquet",
+        base / "fetch.json",
+        sd_record or base / "sd21.json",
+        dino_cache,
+        dino_record,
+        {"timestep": 50, "ensemble": 1, "pair_batch": 4},
+        {"precision": "fp32", "up_block_index": 1, "max_unet_batch": 8},
+        {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04},
+        [0.1],
+        4,
+        S,
+        0,
+        "cpu",
+        tmp_path / "p.csv",
+        tmp_path / "s.csv",
+    )
+
+
+def test_a_prompt_trained_with_another_sd_revision_is_refused(world, tmp_path):
+    prompt = save_tiny_prompt(
+        world, tmp_path / "single.safetensors", "single", trained_with(world, "single", "0ld")
+    )
+    record = world["base"] / "sd21.json"
+    with pytest.raises(ValueError, match=re.escape(f"{prompt}.json") + r".*'0ld'.*" + re.escape(str(record))):
+        evaluate(world, tmp_path, prompt)
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_prompt_that_records_no_model_is_refused(world, tmp_path):
+    prompt = save_tiny_prompt(world, tmp_path / "single.safetensors", "single", {"variant": "single"})
+    with pytest.raises(ValueError, match=re.escape(f"{prompt}.json") + r" records no 'sd_model'"):
+        evaluate(world, tmp_path, prompt)
+
+
+def test_a_cpm_prompt_trained_with_another_dinov2_is_refused(world, tmp_path):
+    meta = trained_with(world, "cpm", dino_revision="0ld")
+    prompt = save_tiny_prompt(world, tmp_path / "cpm.safetensors", "cpm", meta)
+    base = world["base"]
+    with pytest.raises(ValueError, match=re.escape(f"{prompt}.json") + r".*'0ld'.*dinov2\.json"):
+        evaluate(
+            world, tmp_path, prompt, dino_cache=base / "dino.safetensors", dino_record=base / "dinov2.json"
+        )
+
+
+def test_a_dinov2_cache_of_another_model_or_preprocessing_is_refused(world, tmp_path):
+    base, dino = world["base"], world["dino_record"]
+    other = replace(dino, revision_resolved="0th3r")  # the model the config now names
+    write_model_record(other, tmp_path / "dinov2_other.json")
+    prompt = save_tiny_prompt(
+        world, tmp_path / "cpm.safetensors", "cpm", trained_with(world, "cpm", None, "0th3r")
+    )
+    cache = base / "dino.safetensors"
+    with pytest.raises(
+        ValueError,
+        match=r"stale cache .*'revision_resolved' is .* in "
+        + re.escape(f"{cache}.json")
+        + r", expected '0th3r' from model record .*dinov2_other\.json",
+    ):
+        evaluate(world, tmp_path, prompt, dino_cache=cache, dino_record=tmp_path / "dinov2_other.json")
+    # the same model revision with another preprocessing (a 196 px crop instead of 224)
+    folder = tmp_path / "dinov2_196"
+    shutil.copytree(world["dino_dir"], folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["crop_size"] = {"height": 196, "width": 196}
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    cropped = replace(
+        resolve_model(ModelSpec("dinov2", str(folder), "dinov2")), revision_resolved=dino.revision_resolved
+    )
+    write_model_record(cropped, tmp_path / "dinov2_196.json")
+    prompt = save_tiny_prompt(world, tmp_path / "cpm2.safetensors", "cpm", trained_with(world, "cpm"))
+    with pytest.raises(ValueError, match=r"stale cache .*'processor'.*from model record .*dinov2_196\.json"):
+        evaluate(world, tmp_path, prompt, dino_cache=cache, dino_record=tmp_path / "dinov2_196.json")
+
+
+def test_figures_check_the_prompt_and_cache_against_the_records(world, tmp_path):
+    base = world["base"]
+    prov = Provenance("abc", {}, "sd4match test", True, "protocol")
+    qualitative = dict(
+        sd_record=str(base / "sd21.json"),
+        dino_record=str(base / "dinov2.json"),
+        dino_cache_path=str(base / "dino.safetensors"),
+        pairs_path=str(base / "pairs.parquet"),
+        location_path=str(base / "fetch.json"),
+        n_pairs=2,
+        evaluation={"timestep": 50, "ensemble": 1, "pair_batch": 2},
+        matching={"reported": "nn", "kernel_sigma": 7.0, "softmax_temperature": 0.04},
+        image_size=S,
+        seed=0,
+        prov=prov,
+        device="cpu",
+    )
+    stale = save_tiny_prompt(world, tmp_path / "old.safetensors", "cpm", trained_with(world, "cpm", "0ld"))
+    png = tmp_path / "qualitative.png"
+    with pytest.raises(ValueError, match=re.escape(f"{stale}.json") + r".*sd21\.json"):
+        make_qualitative(str(stale), png=str(png), pdf=str(tmp_path / "q.pdf"), **qualitative)
+    single = save_tiny_prompt(
+        world, tmp_path / "s.safetensors", "single", trained_with(world, "single", "0ld")
+    )
+    with pytest.raises(ValueError, match=re.escape(f"{single}.json") + r".*sd21\.json"):
+        make_fig4(str(single), qualitative["sd_record"], ["car(G)"], {}, str(png), "x.pdf", prov, "cpu")
+    assert not png.exists()
+    good = save_tiny_prompt(world, tmp_path / "cpm.safetensors", "cpm", trained_with(world, "cpm"))
+    make_qualitative(str(good), png=str(png), pdf=str(tmp_path / "q.pdf"), **qualitative)
+    written = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith((".safetensors", ".json")))
+    assert (
+        written == ["q.pdf", "qualitative.png"] and (tmp_path / "qualitative.png.provenance.json").is_file()
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from sd4match.models import SDComponents, load_stable_diffusion
@@ -342,6 +343,32 @@ def test_load_prompt_errors_name_the_file(sd: SDComponents, tmp_path: Path) -> N
         load_prompt(path, sd.text_encoder, sd.tokenizer)
     with pytest.raises(ValueError, match="must end with .safetensors"):
         save_prompt(build(sd, "single"), tmp_path / "prompt.pt", {})
+
+
+def test_saved_prompt_files_are_byte_identical(sd: SDComponents, tmp_path: Path) -> None:
+    """The safetensors header's metadata comes out of a hash map: without sorting, its order varies."""
+    module = build(sd, "pair_local")
+    paths = [tmp_path / f"prompt{i}.safetensors" for i in range(12)]
+    for path in paths:
+        save_prompt(module, path, {"step": 3, "config_hash": "abc"})
+    assert len({path.read_bytes() for path in paths}) == 1
+    assert len({sidecar_path(path).read_bytes() for path in paths}) == 1
+
+
+def test_non_finite_prompts_are_neither_saved_nor_loaded(sd: SDComponents, tmp_path: Path) -> None:
+    module = build(sd, "single")
+    path = tmp_path / "prompt.safetensors"
+    with torch.no_grad():
+        module.prompt.view(-1)[5] = float("nan")
+    with pytest.raises(
+        FloatingPointError, match=r"prompt\.safetensors: parameters \['prompt'\] are not finite"
+    ):
+        save_prompt(module, path, {})
+    assert not path.exists() and not sidecar_path(path).exists()
+    save_prompt(build(sd, "single"), path, {})
+    save_file({"prompt": module.prompt.detach().clone()}, path)  # a damaged file beside a good sidecar
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*\['prompt'\] hold NaN/inf"):
+        load_prompt(path, sd.text_encoder, sd.tokenizer)
 
 
 @pytest.mark.parametrize(

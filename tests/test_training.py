@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -14,17 +16,26 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from snakemake.iocontainers import Namedlist
 
 from sd4match import training
-from sd4match.caches import build_dino_cache, build_latent_cache, cache_meta
+from sd4match.caches import HEADER_META_KEY, build_dino_cache, build_latent_cache, cache_meta
+from sd4match.caches import sidecar_path as cache_sidecar
 from sd4match.datasets import parse_pfpascal, write_pairs_table
 from sd4match.demo_world import DemoWorldSpec, make_pfpascal
 from sd4match.evaluation import MatchingSettings, evaluate_pairs, sd_text_prompt_features
 from sd4match.features import SDFeaturizer
 from sd4match.fetch import extract
-from sd4match.models import ModelSpec, load_dinov2, load_stable_diffusion, resolve_model, write_model_record
+from sd4match.models import (
+    ModelSpec,
+    load_dinov2,
+    load_stable_diffusion,
+    read_model_record,
+    resolve_model,
+    write_model_record,
+)
 from sd4match.prompt_learning import load_prompt
 from sd4match.tiny_models import build_tiny_dinov2, build_tiny_stable_diffusion
 from sd4match.training import (
@@ -268,15 +279,16 @@ def test_two_processes_equal_one_process_with_accumulation(world: dict, tmp_path
 
 
 def test_changed_settings_refuse_the_checkpoint(world: dict, tmp_path: Path) -> None:
-    job = make_job(world, tmp_path, steps=2)
-    train_prompt(job)
+    job = make_job(world, tmp_path, steps=4)
+    with pytest.raises(TrainingStopped):  # an interrupted run: a finished one is never resumed (issue 7)
+        train_prompt(job, stop_after=3)
     changed = replace(job, settings=replace(job.settings, lr=0.02))
     with pytest.raises(
         ValueError, match=r"checkpoint .*checkpoint\.pt belongs to another training configuration"
     ):
         train_prompt(changed)
     bookkeeping = replace(job, settings=replace(job.settings, log_every=5, checkpoint_every=1))
-    assert train_prompt(bookkeeping).steps_done == 2
+    assert train_prompt(bookkeeping).steps_done == 4
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
@@ -298,6 +310,281 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     assert state["step"] == 4 and all(math.isfinite(v) for v in state["losses"])
     assert not Path(job.output).exists()
     assert sorted(os.listdir(job.out_dir)) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+# ------------------------------------------------------------------------------------ reruns and identity
+
+
+def count_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the optimiser steps every trainer of this test runs."""
+    steps: list[int] = []
+    real = PromptTrainer.train_step
+
+    def spy(self: PromptTrainer, step: int) -> float:
+        steps.append(step)
+        return real(self, step)
+
+    monkeypatch.setattr(PromptTrainer, "train_step", spy)
+    return steps
+
+
+def copy_cache(source: Path, target: Path, meta_changes: dict | None = None, scale: float = 1.0) -> Path:
+    """A copy of a cache file (and sidecar) with changed meta and/or its first tensor scaled."""
+    with safe_open(source, framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] * scale
+    meta = {**json.loads(cache_sidecar(source).read_text()), **(meta_changes or {})}
+    save_file(tensors, target, metadata={HEADER_META_KEY: json.dumps(meta, sort_keys=True)})
+    cache_sidecar(target).write_text(json.dumps(meta))
+    return target
+
+
+def changed_input(world: dict, job: TrainJob, tmp_path: Path, change: str) -> TrainJob:
+    """``job`` with one result-changing input changed, the number of pairs kept."""
+    base = world["base"]
+    if change == "lr":
+        return replace(job, settings=replace(job.settings, lr=0.02))
+    if change == "pairs_trn":
+        table = pd.read_parquet(job.pairs_trn)
+        kps = [list(map(list, k)) for k in table["trg_kps"]]
+        kps[0][0] = [kps[0][0][0] + 1.0, kps[0][0][1]]  # one keypoint moved by one pixel
+        table["trg_kps"] = kps
+        table.to_parquet(tmp_path / "trn_moved.parquet", index=False)
+        return replace(job, pairs_trn=str(tmp_path / "trn_moved.parquet"))
+    if change == "latent_cache":
+        moved = copy_cache(Path(job.latent_cache), tmp_path / "latents.safetensors", scale=1.01)
+        return replace(job, latent_cache=str(moved))
+    if change == "dino_cache":
+        moved = copy_cache(Path(job.dino_cache), tmp_path / "dino.safetensors", scale=1.01)
+        return replace(job, dino_cache=str(moved))
+    assert change == "sd_model"  # a new revision of the model, and its latent cache rebuilt
+    record = replace(read_model_record(base / "sd21.json"), revision_resolved="0123456789abcdef")
+    write_model_record(record, tmp_path / "sd21.json")
+    meta = {"revision_resolved": record.revision_resolved}
+    latents = copy_cache(Path(job.latent_cache), tmp_path / "latents.safetensors", meta)
+    return replace(job, sd_model=str(tmp_path / "sd21.json"), latent_cache=str(latents))
+
+
+def test_a_finished_run_retrains_when_rerun(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--forcerun train_prompt`` or a deleted prompt reruns the rule: it trains again, from step 1."""
+    job = make_job(world, tmp_path, steps=4)
+    first = train_prompt(job)
+    prompt_bytes = Path(job.output).read_bytes()
+    Path(job.output).unlink()
+    steps = count_steps(monkeypatch)
+    again = train_prompt(job)
+    assert steps == [1, 2, 3, 4]
+    assert again == first and Path(job.output).read_bytes() == prompt_bytes
+
+
+def test_only_an_interrupted_run_resumes(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(world, tmp_path, steps=4)
+    with pytest.raises(TrainingStopped):
+        train_prompt(job, stop_after=3)  # killed after step 3: the checkpoint holds step 2
+    steps = count_steps(monkeypatch)
+    train_prompt(job)
+    assert steps == [3, 4]
+
+
+def test_a_run_killed_for_memory_resumes_with_gradient_checkpointing(world: dict, tmp_path: Path) -> None:
+    """Gradient checkpointing changes memory, not results: switching it on resumes the interrupted run."""
+    straight = make_job(world, tmp_path / "straight", steps=4)
+    killed = make_job(world, tmp_path / "killed", steps=4)
+    train_prompt(straight)
+    with pytest.raises(TrainingStopped):
+        train_prompt(killed, stop_after=3)
+    resumed = replace(killed, settings=replace(killed.settings, gradient_checkpointing=True))
+    trainer = PromptTrainer(resumed)
+    assert trainer.resume() and trainer.progress.step == 2
+    trainer.run()
+    assert Path(resumed.output).read_bytes() == Path(straight.output).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("variant", "change", "named"),
+    [
+        ("single", "lr", "settings.lr: 0.01 -> 0.02"),
+        ("single", "pairs_trn", "pairs_trn: content"),
+        ("single", "latent_cache", "latent_cache: content"),
+        ("single", "sd_model", "sd_model: "),
+        ("cpm", "dino_cache", "dino_cache: content"),
+    ],
+)
+def test_an_interrupted_run_with_a_changed_input_names_it_and_how_to_start_over(
+    world: dict, tmp_path: Path, variant: str, change: str, named: str
+) -> None:
+    """Settings, training data, caches and model revisions are the run's identity: a checkpoint of another
+    identity is never resumed; the error names what changed and the command that starts over."""
+    job = make_job(world, tmp_path / "run", variant, steps=4)
+    with pytest.raises(TrainingStopped):
+        train_prompt(job, stop_after=3)
+    changed = changed_input(world, job, tmp_path, change)
+    with pytest.raises(ValueError, match="belongs to another training configuration") as error:
+        train_prompt(changed)
+    message = str(error.value)
+    assert named in message, message
+    assert f"rm {job.checkpoint_path}" in message
+    assert "0.01 -> 0.02" not in message or change == "lr"  # only what changed is named
+
+
+def test_a_changed_setting_after_a_finished_run_starts_a_new_run(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(world, tmp_path / "run", steps=2)
+    train_prompt(job)
+    changed = replace(job, settings=replace(job.settings, lr=0.02))
+    steps = count_steps(monkeypatch)
+    train_prompt(changed)
+    assert steps == [1, 2]
+    fresh = make_job(world, tmp_path / "fresh", steps=2, lr=0.02)
+    train_prompt(fresh)
+    assert Path(changed.output).read_bytes() == Path(fresh.output).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign"])
+def test_an_unreadable_checkpoint_names_the_file_and_what_to_do(
+    world: dict, tmp_path: Path, damage: str
+) -> None:
+    job = make_job(world, tmp_path, steps=4)
+    with pytest.raises(TrainingStopped):
+        train_prompt(job, stop_after=3)
+    path = job.checkpoint_path
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "garbage":
+        path.write_bytes(b"this is not a checkpoint\n")
+    else:
+        torch.save({"step": 2}, path)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path}")) as error:
+        train_prompt(job)
+    assert f"rm {path}" in str(error.value)
+
+
+# ------------------------------------------------------------------------------------- non-finite gradients
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forwards, NaN gradient backwards: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad * float("nan")
+
+
+def nan_gradient_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
+    """matching_loss with finite values but NaN gradients at the given steps (one loss call per step)."""
+    calls: list[int] = []
+    real_loss = training.matching_loss
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        value = real_loss(*args, **kwargs)
+        return NaNGradient.apply(value) if len(calls) in steps else value
+
+    monkeypatch.setattr(training, "matching_loss", loss)
+
+
+def scaler_accelerator():
+    """A CPU accelerator with an fp16-style grad scaler, as accelerate gives a CUDA fp16 run."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    return accelerator
+
+
+def record_prompts(monkeypatch: pytest.MonkeyPatch) -> dict[int, dict[str, torch.Tensor]]:
+    """The prompt after every optimiser step."""
+    prompts: dict[int, dict[str, torch.Tensor]] = {}
+    real = PromptTrainer.after_step
+
+    def after_step(self: PromptTrainer, step: int) -> None:
+        prompts[step] = {k: v.detach().clone() for k, v in self.prompt_module.state_dict().items()}
+        real(self, step)
+
+    monkeypatch.setattr(PromptTrainer, "after_step", after_step)
+    return prompts
+
+
+def finite_checkpoint(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["prompt"].values())
+    return state
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_never_stepped_or_checkpointed(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a grad scaler (fp32, bf16, CPU) a non-finite gradient stops the run at that step."""
+    job = make_job(world, tmp_path, steps=6, checkpoint_every=1)
+    nan_gradient_at(monkeypatch, {3})
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient .*at step 3"):
+        train_prompt(job)
+    assert finite_checkpoint(job.checkpoint_path)["step"] == 2
+    assert not Path(job.output).exists()
+
+
+def test_a_step_the_grad_scaler_skipped_leaves_the_prompt_unchanged_and_is_counted(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(world, tmp_path, steps=4, checkpoint_every=1)
+    nan_gradient_at(monkeypatch, {3})
+    prompts = record_prompts(monkeypatch)
+    result = PromptTrainer(job, scaler_accelerator()).run()
+    assert result.steps_done == 4
+    assert all(torch.equal(prompts[3][k], prompts[2][k]) for k in prompts[2])  # skipped: not updated
+    assert not all(torch.equal(prompts[4][k], prompts[3][k]) for k in prompts[3])
+    assert finite_checkpoint(job.checkpoint_path)["skipped_steps"] == [3]
+    c = world["components"]
+    assert load_prompt(job.output, c.text_encoder, c.tokenizer)[1]["skipped_steps"] == 1
+
+
+def test_a_run_the_grad_scaler_skips_again_and_again_stops(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(training, "MAX_CONSECUTIVE_SKIPS", 3)
+    job = make_job(world, tmp_path, steps=8, checkpoint_every=1)
+    nan_gradient_at(monkeypatch, set(range(3, 9)))
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .*skipped.*at step 5"):
+        PromptTrainer(job, scaler_accelerator()).run()
+    state = finite_checkpoint(job.checkpoint_path)
+    assert state["step"] == 4 and state["skipped_steps"] == [3, 4]
+
+
+def test_a_non_finite_prompt_is_never_checkpointed(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(world, tmp_path, steps=6, checkpoint_every=1)
+    real = PromptTrainer.train_step
+
+    def poisoned(self: PromptTrainer, step: int) -> float:
+        loss = real(self, step)
+        if step == 3:
+            with torch.no_grad():
+                next(self.prompt_module.parameters()).view(-1)[0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(PromptTrainer, "train_step", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite prompt .*step 3"):
+        train_prompt(job)
+    assert finite_checkpoint(job.checkpoint_path)["step"] == 2
+
+
+def test_identical_runs_write_byte_identical_prompts(world: dict, tmp_path: Path) -> None:
+    first, second = (make_job(world, tmp_path / name, "cpm", steps=2) for name in ("first", "second"))
+    train_prompt(first)
+    train_prompt(second)
+    for suffix in ("", ".json"):
+        assert Path(first.output + suffix).read_bytes() == Path(second.output + suffix).read_bytes()
 
 
 def test_gradient_checkpointing_gives_the_same_run(world: dict, tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ with log_to(snakemake.log[0]), allocate_gpus(snakemake.resources.gpu) as lease: 
     from sd4match.provenance import build_provenance
 
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-    prov = build_provenance(record_paths=[i.sd_model], **p.provenance)
+    prov = build_provenance(record_paths=[i.sd_model, i.dinov2_model], **p.provenance)
     make_fig5(
         i.prompt,
         i.sd_model,
+        i.dinov2_model,
         i.dino_cache,
         i.pairs,
         i.data,
