@@ -22,7 +22,14 @@ from sd4match.demo_world import DemoWorldSpec, make_pfwillow
 from sd4match.evaluation import run_prompt_evaluation
 from sd4match.fetch import extract, sha256_file
 from sd4match.models import ModelSpec, load_dinov2, resolve_model, write_model_record
-from sd4match.prompt_learning import CPMConfig, PromptBatch, build_prompt_module, load_prompt, save_prompt
+from sd4match.prompt_learning import (
+    CPMConfig,
+    PromptBatch,
+    build_prompt_module,
+    load_prompt,
+    save_prompt,
+    sidecar_path,
+)
 from sd4match.prompts import sos_eos_embeddings
 from sd4match.released_demo import (
     PAPER_RELEASE,
@@ -402,7 +409,10 @@ def test_imported_prompt_evaluates_like_the_module_built_from_its_weights(tiny, 
         variant, tiny["te"], tiny["tok"], cpm=getattr(module, "config", None), seed=5
     )
     rebuilt.load_state_dict(module.state_dict())
-    save_prompt(rebuilt, tmp_path / "rebuilt.safetensors", {})
+    models = json.loads(sidecar_path(imported).read_text())["metadata"]
+    save_prompt(
+        rebuilt, tmp_path / "rebuilt.safetensors", {k: models[k] for k in ("sd_model", "dinov2_model")}
+    )
     summaries = []
     for prompt in (imported, tmp_path / "rebuilt.safetensors"):
         summaries.append(
