@@ -281,7 +281,7 @@ def build_implicit_captioner(
 ) -> ImplicitCaptioner:
     """An implicit captioner sized for an SD model: its empty-prompt encoding and time-embedding width."""
     with torch.no_grad():
-        empty = encode_text(components.text_encoder, components.tokenizer, [""]).float().cpu()
+        empty = encode_text(components.text_encoder, components.tokenizer, [""]).float()
     time_dim = int(components.unet.time_embedding.linear_2.out_features) if learnable_time_embed else None
     device = next(components.unet.parameters()).device
     return ImplicitCaptioner(clip_vision, processor, empty, time_embed_dim=time_dim).to(device)
@@ -773,24 +773,25 @@ class SDDinoFeaturizer:
 
     @torch.no_grad()
     def pair_from_parts(self, src: ImageParts, trg: ImageParts) -> tuple[Tensor, Tensor]:
-        """Features (C, h, w) of a pair from its images' parts: the pair's co-PCA, fusion, DINO concat."""
+        """Features (C, h, w) of a pair from its images' parts (the pair's co-PCA, fusion, DINO concat), on
+        the featurizer's device."""
         src_sd, trg_sd = self.sd_part(
             [torch.stack([s, t]) for s, t in zip(src.sd_maps, trg.sd_maps, strict=True)]
         )
         if self.dino is None:
-            return src_sd.cpu(), trg_sd.cpu()
+            return src_sd, trg_sd
         if src.dino is None or trg.dino is None:
             raise ValueError("SDDinoFeaturizer: image parts lack the DINO grid of an SD+DINO featurizer")
         dino = torch.stack([src.dino, trg.dino])
         fused = F.normalize(torch.cat([torch.stack([src_sd, trg_sd]), dino], dim=1), dim=1)
-        return fused[0].cpu(), fused[1].cpu()
+        return fused[0], fused[1]
 
     def pair_features(
         self, src_image: Image.Image, trg_image: Image.Image, category: str
     ) -> tuple[Tensor, Tensor]:
-        """Features (C, h, w) of one pair, both images in one batch (the per-pair path of sd-dino)."""
-        src, trg = self.image_parts([src_image, trg_image], [category, category])
-        return self.pair_from_parts(src, trg)
+        """Features (C, h, w) of one pair on the CPU, both images in one batch (sd-dino's per-pair path)."""
+        src, trg = self.pair_from_parts(*self.image_parts([src_image, trg_image], [category, category]))
+        return src.cpu(), trg.cpu()
 
 
 def evaluate_pairs_per_pair(
@@ -852,6 +853,6 @@ def evaluate_sd_dino(
             for row in rows:
                 src_key, trg_key = _row_keys(row)
                 src_feat, trg_feat = featurizer.pair_from_parts(parts[src_key], parts[trg_key])
-                by_row[row.Index] = score_pair(row, src_feat, trg_feat, settings)
+                by_row[row.Index] = score_pair(row, src_feat.cpu(), trg_feat.cpu(), settings)
                 bar.update(1)
     return per_pair_frame([score for index in sorted(by_row) for score in by_row[index]])
