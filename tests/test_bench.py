@@ -413,3 +413,45 @@ def test_projection_cli_on_the_demo_config(tmp_path, capsys):
         "## Projection, code paths: before" in printed
         and "train_prompt[trainset=spair,variant=cpm]" in printed
     )
+
+
+# ----------------------------------------------------------------------------------------- GPU check
+
+
+def _gpu_check():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_skips_cleanly_without_a_gpu(monkeypatch, capsys):
+    check = _gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check.main([]) == 0
+    assert "no CUDA device available; GPU check skipped" in capsys.readouterr().out
+
+
+def test_gpu_check_rows_name_the_gpu_and_every_measurement():
+    check = _gpu_check()
+    settings = check.CheckSettings(device="cpu")
+    results = {
+        "truncated UNet fp16": {"images_per_s": 40.0},
+        "truncated UNet bf16": {"images_per_s": 38.5},
+        "training step fp32+autocast": {"step_s": 1.25, "peak_gib": 41.0},
+        "training step fp16": {"step_s": 0.75, "peak_gib": 30.5},
+        "evaluation fp16 autocast": {
+            "single_pairs_per_s": 12.0,
+            "cpm_pairs_per_s": 3.5,
+            "score_pair_s": 0.08,
+        },
+    }
+    rows = check.markdown_rows(results, settings)
+    assert "CPU smoke run" in rows.splitlines()[0]
+    assert rows.splitlines()[-1] == "| 40.0 / 38.5 | 1.25, 41.0 | 0.75, 30.5 | 12.0 | 3.50 | 0.080 |"
