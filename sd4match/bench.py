@@ -1,8 +1,10 @@
-"""Benchmarks (not tests): UNet passes, images/s and peak memory of SD feature extraction.
+"""Benchmarks (not tests): UNet passes, images/s and peak memory of SD feature extraction; the projection.
 
 `sd4match-bench truncation` times the truncated UNet (stopped after up_blocks[1]) against the full UNet on
 the real SD 2-1 architecture (random weights, reduced resolution); `sd4match-bench features` times the
-feature extractor on a model folder (a tiny demo model here, SD 2-1 on a GPU machine).
+feature extractor on a model folder (a tiny demo model here, SD 2-1 on a GPU machine);
+`sd4match-bench projection` projects the configured DAG's GPU FLOPs, H100-hours and CPU time
+(sd4match/projection.py); `sd4match-bench passes` counts network passes per job on the tiny world.
 """
 
 from __future__ import annotations
@@ -19,35 +21,11 @@ from typing import Any
 
 import torch
 
+from sd4match.architectures import SD21_UNET
 from sd4match.features import SDFeaturizer, stop_after
 
 # UNet2DConditionModel config of Stable Diffusion 2-1 (unet/config.json of the SD 2-1 repo).
-SD21_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": [5, 10, 20, 20],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 1024,
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 96,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "upcast_attention": True,
-    "use_linear_projection": True,
-}
+SD21_UNET_CONFIG: dict[str, Any] = SD21_UNET
 
 
 @dataclass
@@ -315,6 +293,78 @@ def bench_evaluation(
     return BenchResult("evaluation", device, settings, metrics, machine_description(device))
 
 
+def bench_projection(
+    configfiles: list[str],
+    workdir: str | Path = ".",
+    presets: tuple[str, ...] = ("before", "current"),
+    mfu: float = 0.40,
+    peak_tflops: float = 989.0,
+    cpu: Any = None,
+    meter: Any = None,
+) -> tuple[BenchResult, dict[str, str]]:
+    """Projection of the configured DAG under each code-path preset: GPU FLOPs and H100-hours at ``mfu`` of
+    ``peak_tflops``, CPU hours while a GPU is held; returns the result and each preset's markdown."""
+    from sd4match.flops import FlopMeter
+    from sd4match.projection import dag_jobs, markdown, project
+    from sd4match.workload import CODE_PRESETS, DatasetCounts, measured_cpu_costs
+
+    config, jobs = dag_jobs(configfiles, workdir)
+    counts = DatasetCounts(Path(workdir) / config["results_dir"] / "pairs")
+    cpu = measured_cpu_costs() if cpu is None else cpu
+    meter = FlopMeter() if meter is None else meter
+    metrics: dict[str, float] = {"gpu_jobs": float(sum(1 for j in jobs if j.gpu > 0)), "dag_jobs": len(jobs)}
+    tables = {}
+    for name in presets:
+        result = project(config, jobs, counts, cpu, CODE_PRESETS[name], meter, mfu, peak_tflops * 1e12)
+        tables[name] = markdown(result, per_job=True)
+        metrics |= {
+            f"{name}_gpu_eflop": result.total_flops / 1e18,
+            f"{name}_h100_hours": result.total_gpu_hours,
+            f"{name}_cpu_hours_while_held": result.total_cpu_hours,
+            f"{name}_cpu_fraction": result.cpu_fraction,
+        }
+    settings = {
+        "configfiles": list(configfiles),
+        "presets": list(presets),
+        "mfu": mfu,
+        "peak_tflops": peak_tflops,
+        "counts": counts.sources,
+        "cpu_costs_measured_on": cpu.machine,
+    }
+    return BenchResult("projection", "meta", settings, metrics, machine_description("cpu")), tables
+
+
+def bench_passes(spair_pairs: int = SPAIR_TEST_PAIRS, spair_images: int = SPAIR_TEST_IMAGES) -> BenchResult:
+    """Network passes counted in one run on the tiny world: SD+DINO per pair vs per image, VAE passes of a
+    Single and a CPM evaluation; scaled to SPair-71k test by the measured per-pair / per-image ratios."""
+    from sd4match.bench_passes import sd_dino_passes, vae_passes
+    from sd4match.flops import FlopMeter
+
+    sd_dino, vae = sd_dino_passes(), vae_passes()
+    metrics: dict[str, float] = {}
+    for network in sd_dino["before"]:
+        before, after = sd_dino["before"][network], sd_dino["after"][network]
+        metrics[f"sd_dino_{network}_per_pair_before"] = before / sd_dino["pairs"]
+        metrics[f"sd_dino_{network}_per_image_after"] = after / sd_dino["images"]
+        metrics[f"sd_dino_{network}_spair_test_before"] = before / sd_dino["pairs"] * spair_pairs
+        metrics[f"sd_dino_{network}_spair_test_after"] = after / sd_dino["images"] * spair_images
+        metrics[f"sd_dino_{network}_ratio_before_over_after"] = before / after
+    vae_tflop = FlopMeter().vae_encode("sd21", 768) / 1e12
+    for job in ("single", "cpm"):
+        per_image = vae[job]["vae"] / vae["images"]
+        metrics[f"{job}_vae_passes_per_distinct_image"] = per_image
+        metrics[f"{job}_vae_passes_spair_test"] = per_image * spair_images
+        metrics[f"{job}_vae_pflop_spair_test"] = per_image * spair_images * vae_tflop / 1e3
+    metrics["vae_encoder_tflop_768px"] = vae_tflop
+    settings = {
+        "tiny_world_pairs": sd_dino["pairs"],
+        "tiny_world_images": sd_dino["images"],
+        "sd_dino_identical_per_pair_tables": sd_dino["identical_per_pair_tables"],
+        "counted": {"sd_dino": sd_dino, "vae": vae},
+    }
+    return BenchResult("passes", "cpu", settings, metrics, machine_description("cpu"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``sd4match-bench {truncation,features} [...]``; prints JSON (and appends to --out)."""
     parser = argparse.ArgumentParser(prog="sd4match-bench", description=__doc__)
@@ -346,9 +396,29 @@ def main(argv: list[str] | None = None) -> int:
     evals.add_argument("--pair-batch", type=int, default=4)
     for p in (trunc, feats, train, evals):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    proj = sub.add_parser("projection", help="GPU FLOPs / H100-hours and CPU time of the configured DAG")
+    proj.add_argument("--configfile", action="append", help="config file(s), in order (default config.yaml)")
+    proj.add_argument("--workdir", default=".", help="the workflow's folder (holds the Snakefile)")
+    proj.add_argument("--code", action="append", choices=["before", "current", "issue9"])
+    proj.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation (default 0.40)")
+    proj.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak (H100 SXM: 989)")
+    passes = sub.add_parser("passes", help="network passes of SD+DINO (per pair vs per image) and the VAE")
+    for p in (trunc, feats, train, evals, proj, passes):
         p.add_argument("--out", type=Path, help="append the JSON result as one line to this file")
     args = parser.parse_args(argv)
-    if args.command == "truncation":
+    if args.command == "projection":
+        result, tables = bench_projection(
+            args.configfile or ["config.yaml"],
+            args.workdir,
+            tuple(args.code or ["before", "current"]),
+            args.mfu,
+            args.peak_tflops,
+        )
+        for name, table in tables.items():
+            print(f"## Projection, code paths: {name}\n\n{table}\n")
+    elif args.command == "passes":
+        result = bench_passes()
+    elif args.command == "truncation":
         result = bench_truncation(args.image_size, args.batch, args.repeats, args.device)
     elif args.command == "features":
         result = bench_features(

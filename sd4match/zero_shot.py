@@ -67,7 +67,7 @@ def _vit_features(method, records, root, device):
     return vit_feature_fn(model, root, method["image_size"], device=device)
 
 
-def _sd_dino_pair_features(method, records, captioner_path, captioner_cfg, features, seed, device):
+def _sd_dino_featurizer(method, records, captioner_path, captioner_cfg, features, seed, device):
     from sd4match.baselines import (
         SDDinoFeaturizer,
         build_implicit_captioner,
@@ -102,7 +102,7 @@ def _sd_dino_pair_features(method, records, captioner_path, captioner_cfg, featu
         autocast_dtype=AUTOCAST[features["precision"]] if device.startswith("cuda") else None,
         max_batch=features["max_unet_batch"],
     )
-    return featurizer.pair_features
+    return featurizer
 
 
 def run_zero_shot(
@@ -133,16 +133,16 @@ def run_zero_shot(
     elif method["kind"] == "vit":
         per_pair = evaluate_pairs(pairs, _vit_features(method, records, root, device), settings)
     elif method["kind"] == "sd_dino":
-        from sd4match.baselines import evaluate_pairs_per_pair
+        from sd4match.baselines import evaluate_sd_dino
 
         if method["prompt"] == "implicit" and captioner_path is None:
             raise ValueError(
                 "zero-shot SD+DINO with the implicit captioner needs its weights (captioner_path)"
             )
-        pair_fn = _sd_dino_pair_features(
+        featurizer = _sd_dino_featurizer(
             method, records, captioner_path, captioner_cfg, features, seed, device
         )
-        per_pair = evaluate_pairs_per_pair(pairs, pair_fn, settings, root)
+        per_pair = evaluate_sd_dino(pairs, featurizer, settings, root)  # networks once per distinct image
     else:
         raise ValueError(f"zero-shot method kind {method['kind']!r} is unknown (sd, vit, sd_dino)")
     write_table_atomic(per_pair, per_pair_out)

@@ -531,3 +531,182 @@ def test_evaluate_pairs_per_pair_with_sd_dino(tiny, tmp_path):
     assert list(per_pair.pair_id) == ["p0", "p0", "p1", "p1", "p2", "p2"]
     assert (per_pair.n_kps == 3).all()
     assert featurizer.unet_passes == 3
+
+
+# ------------------------------------------------------------------------- SD+DINO once per image
+
+
+def _network_samples(tiny) -> tuple[dict[str, int], list]:
+    """Images seen by the UNet (per noise copy), VAE encoder, captioner CLIP and DINOv2 (hook counters)."""
+    modules = {
+        "unet": tiny["sd"].unet,
+        "vae": tiny["sd"].vae.encoder,
+        "clip": tiny["clip"],
+        "dinov2": tiny["dinov2"],
+    }
+    seen = {name: 0 for name in modules}
+
+    def counter(name):
+        def hook(module, args, kwargs):
+            first = args[0] if args else next(iter(kwargs.values()))
+            seen[name] += first.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(counter(n), with_kwargs=True) for n, m in modules.items()]
+    return seen, handles
+
+
+def _shared_image_pairs(root: Path) -> pd.DataFrame:
+    """Seven pairs over five images in two categories; images recur across pairs and one pair is flipped."""
+    for i, image in enumerate(_images(5, seed=21, size=(80, 60))):
+        image.save(root / f"im{i}.png")
+    kps = [[5.0, 7.0], [40.0, 30.0], [70.0, 50.0]]
+    links = [(0, 1, "cat"), (1, 0, "cat"), (0, 2, "cat"), (2, 1, "cat"), (3, 4, "dog"), (4, 3, "dog")]
+    links.append((3, 4, "dog"))
+    flips = [False] * 6 + [True]
+    return pd.DataFrame(
+        {
+            "pair_id": [f"p{i}" for i in range(len(links))],
+            "category": [c for _, _, c in links],
+            "src_image": [f"im{a}.png" for a, _, _ in links],
+            "trg_image": [f"im{b}.png" for _, b, _ in links],
+            "src_width": 80,
+            "src_height": 60,
+            "trg_width": 80,
+            "trg_height": 60,
+            "src_kps": [kps] * len(links),
+            "trg_kps": [kps[::-1]] * len(links),
+            "src_bbox": [[0.0, 0.0, 79.0, 59.0]] * len(links),
+            "trg_bbox": [[0.0, 0.0, 79.0, 59.0]] * len(links),
+            "flip": flips,
+            "n_kps": 3,
+            "threshold_kind": "bbox",
+        }
+    )
+
+
+def _old_pair_features(featurizer: B.SDDinoFeaturizer, src_image, trg_image, category):
+    """The per-pair SD+DINO path as it was before features were computed per image (verbatim)."""
+    src_sd, trg_sd = featurizer.sd_part(featurizer.sd_maps([src_image, trg_image], [category, category]))
+    if featurizer.dino is None:
+        return src_sd.cpu(), trg_sd.cpu()
+    dino = featurizer.dino_part([src_image, trg_image], src_sd.shape[-2:])
+    fused = F.normalize(torch.cat([torch.stack([src_sd, trg_sd]), dino], dim=1), dim=1)
+    return fused[0].cpu(), fused[1].cpu()
+
+
+@pytest.mark.parametrize("dino", [True, False])
+def test_per_image_path_equals_the_per_pair_path(tiny, tmp_path, dino):
+    pairs = _shared_image_pairs(tmp_path)
+    settings = MatchingSettings(image_size=64, methods=("nn", "kernel_softmax"), alphas=(0.05, 0.1, 0.15))
+    featurizer = _featurizer(tiny, dino=dino, ensemble=2, max_batch=3)
+    seen, handles = _network_samples(tiny)
+    try:
+        old = lambda a, b, c: _old_pair_features(featurizer, a, b, c)  # noqa: E731
+        before = B.evaluate_pairs_per_pair(pairs, old, settings, tmp_path)
+        per_pair_seen, per_pair_passes = dict(seen), featurizer.unet_passes
+        seen.update(dict.fromkeys(seen, 0))
+        featurizer.unet_passes = 0
+        after = B.evaluate_sd_dino(pairs, featurizer, settings, tmp_path, image_batch=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    pd.testing.assert_frame_equal(after, before)
+    # per pair: 7 pairs x 2 images through every network (the UNet twice: 2 noise copies)
+    assert per_pair_seen == {"unet": 28, "vae": 14, "clip": 14, "dinov2": 14 if dino else 0}
+    assert per_pair_passes == 7 * 2  # 4 latents per pair in UNet calls of at most 3
+    # per image: cat has im0-im2, dog has im3, im4 and their flipped copies = 7 distinct images
+    assert seen == {"unet": 14, "vae": 7, "clip": 7, "dinov2": 7 if dino else 0}
+    assert featurizer.unet_passes == 3 + 4  # latents per image batch: cat 4 + 2, dog 4 + 4; calls of <= 3
+    src, trg = _images(2, seed=23)
+    for new_feat, old_feat in zip(
+        featurizer.pair_features(src, trg, "cat"),
+        _old_pair_features(featurizer, src, trg, "cat"),
+        strict=True,
+    ):
+        assert torch.equal(new_feat, old_feat)  # same batch of two: bit for bit
+
+
+def test_per_image_parts_do_not_depend_on_the_batch(tiny):
+    featurizer = _featurizer(tiny, dino=True)
+    images = _images(3, seed=22)
+    together = featurizer.image_parts(images, ["cat", "cat", "dog"])
+    alone = [
+        featurizer.image_parts([image], [category])[0]
+        for image, category in zip(images, ["cat", "cat", "dog"], strict=True)
+    ]
+    for a, b in zip(together, alone, strict=True):
+        for map_a, map_b in zip(a.sd_maps, b.sd_maps, strict=True):
+            assert torch.allclose(map_a, map_b, atol=1e-5)  # batched convolutions differ in the last ulp
+        assert torch.allclose(a.dino, b.dino, atol=1e-6)
+    src, trg = featurizer.pair_from_parts(together[0], together[2])
+    ref_src, ref_trg = featurizer.pair_features(images[0], images[2], "cat")
+    # the co-PCA of the tiny maps (8 cells for 64 channels) has near-zero singular values that amplify the
+    # last-ulp differences to ~1e-5; predictions stay the same (the tests above compare the PCK tables)
+    assert torch.allclose(src, ref_src, atol=1e-4) and torch.allclose(trg, ref_trg, atol=1e-4)
+
+
+def test_sd_dino_per_image_on_real_pfwillow_pairs(tiny, shared_data):
+    from sd4match.datasets import parse_pfwillow
+
+    willow = shared_data / "pf-willow"
+    table = parse_pfwillow(willow, willow / "test_pairs.csv")
+    pairs = pd.concat([g.head(6) for _, g in table.groupby("category", sort=False)][:2], ignore_index=True)
+    settings = MatchingSettings(image_size=96, methods=("nn", "soft_argmax", "kernel_softmax"), alphas=(0.1,))
+    featurizer = _featurizer(tiny, dino=True)
+    before = B.evaluate_pairs_per_pair(pairs, featurizer.pair_features, settings, willow)
+    passes_before, featurizer.unet_passes = featurizer.unet_passes, 0
+    after = B.evaluate_sd_dino(pairs, featurizer, settings, willow)
+    pd.testing.assert_frame_equal(after, before)
+    n_images = sum(len(set(g.src_image) | set(g.trg_image)) for _, g in pairs.groupby("category", sort=False))
+    assert passes_before == 12 and featurizer.unet_passes == sum(
+        -(-len(set(g.src_image) | set(g.trg_image)) // 8) for _, g in pairs.groupby("category")
+    )
+    assert n_images < 2 * len(pairs)
+
+
+def test_image_batch_must_be_positive(tiny, tmp_path):
+    with pytest.raises(ValueError, match="image_batch must be >= 1"):
+        B.image_parts_for(_featurizer(tiny, dino=False), [], tmp_path, 0)
+
+
+def test_run_zero_shot_sd_dino_scores_every_pair_once_per_image(tiny, tmp_path):
+    from sd4match.data_sources import DatasetLocation, write_location
+    from sd4match.datasets import write_pairs_table
+    from sd4match.models import ModelRecord, write_model_record
+    from sd4match.zero_shot import run_zero_shot
+
+    pairs = _shared_image_pairs(tmp_path).assign(dataset="spair", split="test")
+    write_pairs_table(pairs, tmp_path / "pairs.parquet")
+    write_location(DatasetLocation("spair", str(tmp_path)), tmp_path / "fetch.json")
+    records = {}
+    for role, name in (("model", "sd15"), ("dino_model", "dinov2"), ("clip_model", "clip")):
+        records[role] = tmp_path / f"{name}.json"
+        write_model_record(
+            ModelRecord(name, name, "main", "x", str(tiny["root"] / name), "local"), records[role]
+        )
+    method = {
+        "kind": "sd_dino",
+        "model": "sd15",
+        "dino_model": "dinov2",
+        "prompt": "implicit",
+        "image_size": SD_SIZE,
+        "dino_image_size": DINO_SIZE,
+        "timestep": 100,
+        "ensemble": 1,
+    }
+    matching = {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04}
+    features = {"precision": "fp32", "max_unet_batch": 8}
+    summary = run_zero_shot(
+        method, records, tmp_path / "pairs.parquet", tmp_path / "fetch.json", matching, [0.1], None, 64,
+        features, 3, "cpu", tmp_path / "per_pair.csv", tmp_path / "summary.csv",
+        captioner_path=tiny["checkpoint"], captioner_cfg={"prefix": B.ODISE_PREFIX},
+    )  # fmt: skip
+    per_pair = pd.read_csv(tmp_path / "per_pair.csv")
+    reference = B.evaluate_pairs_per_pair(
+        pairs, _featurizer(tiny, dino=True).pair_features, MatchingSettings(64, ("nn",), (0.1,)), tmp_path
+    )
+    assert list(per_pair.pair_id) == list(reference.pair_id)
+    assert per_pair.pck.tolist() == reference.pck.tolist()
+    assert int(summary.loc[summary.category == "All", "n_pairs"].iloc[0]) == 7
