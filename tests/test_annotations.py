@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -292,3 +293,17 @@ def test_report_round_trip_errors(tmp_path):
     write_pairs_report(PairsReport("pfwillow", "test", "l.csv", listed=900), tmp_path / "w.report.json")
     assert pairs_note([tmp_path / "w.report.json"]) == "Pairs: PF-Willow test 900 of 900."
     assert pairs_note([]) == ""
+
+
+def test_pairs_table_write_on_a_full_disk_names_the_file(shared_data, tmp_path, monkeypatch):
+    willow = _data(shared_data, "pf-willow")
+    table = ds.parse_pfwillow(willow, willow / "test_pairs.csv")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ds.pq, "write_table", full)
+    target = tmp_path / "results" / "pairs" / "pfwillow_test.parquet"
+    with pytest.raises(OSError, match=f"No space left on device while writing {target}"):
+        ds.write_pairs_table(table, target)
+    assert list(target.parent.iterdir()) == []
