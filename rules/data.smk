@@ -22,7 +22,8 @@ rule pairs_table:
     input:
         fetch_record("{dataset}"),
     output:
-        pairs_table("{dataset}", "{split}"),
+        table=pairs_table("{dataset}", "{split}"),
+        report=f"{OUT}/pairs/{{dataset}}_{{split}}.report.json",
     log:
         "logs/data/pairs_{dataset}_{split}.log",
     conda:

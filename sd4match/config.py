@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,19 +31,163 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) if parts else "<top level>"
 
 
-def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
-    """Validate ``config`` and cross-field rules; raise ConfigError naming the offending key and source."""
-    validator = jsonschema.Draft202012Validator(load_schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"  - key '{_key_path(e)}': {e.message}" for e in errors]
-        raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines))
-    _check_cross_fields(config, source)
-    return copy.deepcopy(dict(config))
+def _is_integer(_checker: Any, value: Any) -> bool:
+    """JSON-schema ``integer`` without floats: ``seed: 1.0`` is a float, which the jobs reject."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Draft 2020-12 counts 1.0 as an integer; the jobs check isinstance(value, int), so the schema must too.
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+
+
+def config_error(source: str, key: str, message: str) -> ConfigError:
+    """The ConfigError for one key: ``invalid configuration in <source>: key '<key>' <message>``."""
+    return ConfigError(f"invalid configuration in {source}: key '{key}' {message}")
 
 
 def _fail(source: str, key: str, message: str) -> None:
-    raise ConfigError(f"invalid configuration in {source}: key '{key}' {message}")
+    raise config_error(source, key, message)
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    """The schema's message, with a hint where a float stands for an integer."""
+    message = error.message
+    value = error.instance
+    if error.validator == "type" and isinstance(value, float) and value.is_integer():
+        message += f" (write {int(value)}, without the decimal point)"
+    return message
+
+
+def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate ``config`` and every rule the jobs apply to their settings; raise ConfigError naming the key.
+
+    Returns the normalised copy the workflow uses: scalars Snakemake's ``--config`` gave as strings converted
+    where the schema wants numbers/booleans/null, and ``fig3a.cases`` keyed by the integers 1-6.
+    """
+    data = copy.deepcopy(dict(config))
+    validator = StrictValidator(load_schema())
+    coerce_cli_strings(data, validator)
+    normalise_fig3a_cases(data, source)
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        lines = [f"  - key '{_key_path(e)}': {_schema_message(e)}" for e in errors]
+        raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines))
+    _check_cross_fields(data, source)
+    from sd4match.config_checks import check_job_settings  # imports the jobs' settings classes (torch)
+
+    check_job_settings(data, source)
+    return data
+
+
+# --------------------------------------------------------------------------- values given on the command line
+
+_MISSING = object()
+_INTEGER_TEXT = re.compile(r"[-+]?[0-9]+")
+_NULL_TEXTS = ("", "~", "null", "Null", "NULL")
+_BOOL_TEXTS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+
+
+def _scalar_from_text(text: str, wanted: str) -> Any:
+    """``text`` as a value of JSON-schema type ``wanted`` (YAML spelling), or _MISSING if it is not one."""
+    if wanted == "integer" and _INTEGER_TEXT.fullmatch(text.strip()):
+        return int(text)
+    if wanted == "number":
+        try:
+            value = float(text)
+        except ValueError:
+            return _MISSING
+        if math.isfinite(value):
+            return int(text) if _INTEGER_TEXT.fullmatch(text.strip()) else value
+    if wanted == "boolean" and text in _BOOL_TEXTS:
+        return _BOOL_TEXTS[text]
+    if wanted == "null" and text in _NULL_TEXTS:
+        return None
+    return _MISSING
+
+
+def _type_errors(error: jsonschema.ValidationError) -> Any:
+    """The error and, for oneOf/anyOf, the errors of every branch (depth first)."""
+    yield error
+    for sub in error.context or ():
+        yield from _type_errors(sub)
+
+
+def _set_path(data: Any, path: Sequence[Any], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+def coerce_cli_strings(config: dict[str, Any], validator: jsonschema.protocols.Validator) -> None:
+    """Convert strings where the schema wants a number, boolean or null, in place.
+
+    Snakemake reads values nested inside ``--config key={...}`` with YAML's BaseLoader, so
+    ``--config 'sd4match={training: {steps: 100}}'`` gives ``"100"``; only a string that spells a value of
+    the wanted type is converted ("1.0" stays a float and is rejected where an integer is meant).
+    """
+    for _ in range(10_000):  # each round converts at least one string; a config holds far fewer
+        fixes: dict[tuple[Any, ...], Any] = {}
+        for top in validator.iter_errors(config):
+            for error in _type_errors(top):
+                if error.validator != "type" or not isinstance(error.instance, str):
+                    continue
+                wanted = error.validator_value
+                for kind in [wanted] if isinstance(wanted, str) else wanted:
+                    value = _scalar_from_text(error.instance, kind)
+                    if value is not _MISSING:
+                        fixes[tuple(error.absolute_path)] = value
+                        break
+        if not fixes:
+            return
+        for path, value in fixes.items():
+            _set_path(config, path, value)
+
+
+# ------------------------------------------------------------------------------------------------ fig3a.cases
+
+FIG3A_CASES = tuple(range(1, 7))
+
+
+def _case_number(key: Any, source: str) -> int:
+    """A Fig. 3a case key (1-6, or its digits as a string) as an int; anything else raises naming it."""
+    if isinstance(key, str) and _INTEGER_TEXT.fullmatch(key.strip()):
+        number = int(key)
+    elif isinstance(key, int) and not isinstance(key, bool):
+        number = key
+    else:
+        raise config_error(source, f"fig3a.cases.{key}", f"must be a case number {FIG3A_CASES}")
+    if number not in FIG3A_CASES:
+        raise config_error(source, f"fig3a.cases.{key}", f"is not a Fig. 3a case (cases are {FIG3A_CASES})")
+    return number
+
+
+def normalise_fig3a_cases(config: dict[str, Any], source: str) -> None:
+    """Key ``fig3a.cases`` by the integers 1-6, in place; every case must be given.
+
+    YAML files give ``1:`` as an int; JSON config files and ``--config`` overrides give ``"1"``. Merged onto
+    config.yaml such an override holds both keys, and the string one wins: in every Snakemake merge it is
+    the override (dict order does not tell, Snakemake merges --config both before and after config files).
+    """
+    fig3a = config.get("fig3a")
+    cases = fig3a.get("cases") if isinstance(fig3a, Mapping) else None
+    if not isinstance(cases, Mapping):
+        return  # the schema names what is wrong
+    numbered: dict[int, Any] = {}
+    for key, variant in sorted(cases.items(), key=lambda item: isinstance(item[0], str)):
+        numbered[_case_number(key, source)] = variant  # string keys come last, so they win
+    missing = [case for case in FIG3A_CASES if case not in numbered]
+    if missing:
+        raise config_error(
+            source, "fig3a.cases", f"must give all six Fig. 3a cases {FIG3A_CASES}; missing {missing}"
+        )
+    fig3a["cases"] = {case: numbered[case] for case in FIG3A_CASES}
+
+
+# ------------------------------------------------------------------------------------------ cross references
 
 
 def _check_model(config: Mapping[str, Any], source: str, key: str, name: Any, kinds: tuple[str, ...]) -> None:

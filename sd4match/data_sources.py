@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd4match.fetch import download, extract, link_local_copy
+from sd4match.fetch import download, fetch_archive, link_local_copy
 from sd4match.io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,12 @@ def _check_layout(dataset: str, root: Path) -> None:
 
 
 def _download_extract(url: str, sha256: str | None, downloads: Path, dest: Path) -> dict[str, Any]:
-    archive = downloads / _file_name(url)
-    digest = download(url, archive, sha256=sha256)
-    log.info("%s sha256=%s (pin it in config.yaml to verify future downloads)", archive.name, digest)
-    extract(archive, dest)
-    return {"url": url, "file": str(archive), "sha256": digest}
+    """Download (or reuse the complete earlier download of) an archive and extract it onto ``dest``."""
+    record = fetch_archive(url, downloads / _file_name(url), dest, sha256=sha256)
+    log.info(
+        "%s sha256=%s (pin it in config.yaml to verify future downloads)", record.archive.name, record.sha256
+    )
+    return {"url": url, "file": str(record.archive), "sha256": record.sha256}
 
 
 def acquire_dataset(

@@ -2,14 +2,22 @@
 
 The table contract (columns, types, coordinate frame) is in docs/ARCHITECTURE.md: one row per image pair,
 keypoints in the original frame of the image as it is fed (flipped already where ``flip`` is true).
+
+The PF lists are read as every peer reads them: by column position (never by header name) and with image
+paths joined by file name (never by the CSV's path prefix). PF-Pascal keypoints come from the ``.mat``
+annotations (test too, as the authors do), cross-checked against the test CSV's inline copy. Annotations
+are checked against the real image sizes (``sd4match.annotation_checks``): a broken file is an error, a pair
+that cannot be scored is skipped and counted in the split's :class:`PairsReport`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,7 @@ import pyarrow.parquet as pq
 import scipy.io
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sd4match.annotation_checks import PairsReport, inline_disagreement, screen_rows
 from sd4match.io import atomic_path
 
 PathLike = str | os.PathLike[str]
@@ -155,6 +164,17 @@ _SPAIR_KEYS: tuple[str, ...] = (
 )
 _PFPASCAL_INLINE_COLUMNS: tuple[str, ...] = ("XA", "YA", "XB", "YB")
 _PFWILLOW_N_KPS = 10
+# Where the images are under a dataset root (the official layout); CSV paths are joined by file name.
+PFPASCAL_IMAGE_DIR = "PF-dataset-PASCAL/JPEGImages"
+PFWILLOW_IMAGE_DIR = "PF-dataset"
+# PF-Pascal list columns by position: source, target, class, then flip (trn/val) or XA, YA, XB, YB (test).
+_PFPASCAL_WIDTHS = {
+    3: "source, target, class",
+    4: "source, target, class, flip",
+    7: "source, target, class, XA, YA, XB, YB",
+}
+# PF-Willow list: imageA, imageB, then 10 x and 10 y of A, then 10 x and 10 y of B.
+_PFWILLOW_WIDTH = 2 + 4 * _PFWILLOW_N_KPS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,11 +367,36 @@ def _pair_row(
     }
 
 
-def _table(rows: list[dict[str, Any]], columns: Sequence[str], source: PathLike) -> pd.DataFrame:
-    """Build the DataFrame with a fixed column order and validate it against the contract."""
-    df = pd.DataFrame(rows, columns=list(columns))
+def _table(
+    rows: list[dict[str, Any]], columns: Sequence[str], source: PathLike, report: PairsReport
+) -> pd.DataFrame:
+    """Screen the rows (skips go to ``report``), build the DataFrame in a fixed column order, validate it."""
+    report.listed = len(rows)
+    df = pd.DataFrame(screen_rows(rows, report), columns=list(columns))
     validate_pairs_table(df, source)
     return df
+
+
+def _new_report(
+    report: PairsReport | None, dataset: str, split: str, source: PathLike, kps: str
+) -> PairsReport:
+    """The caller's report, or a fresh one (skips are then only logged)."""
+    report = report if report is not None else PairsReport(dataset, split, str(source))
+    report.keypoint_source = kps
+    return report
+
+
+class ImageSizes:
+    """Image sizes read from the headers, each image once (SPair trn lists each image ~60 times)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, relpath: str, referenced_by: PathLike) -> tuple[int, int]:
+        if relpath not in self._sizes:
+            self._sizes[relpath] = image_size(self.root / relpath, referenced_by)
+        return self._sizes[relpath]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,7 +435,7 @@ def _spair_imsize(value: Any, source: Path, key: str) -> tuple[int, int]:
     return _as_int(value[0], source, key), _as_int(value[1], source, key)
 
 
-def _spair_row(root: Path, split: str, stem: str, listed_in: Path) -> dict[str, Any]:
+def _spair_row(root: Path, split: str, stem: str, listed_in: Path, image_sizes: ImageSizes) -> dict[str, Any]:
     """Parse one SPair-71k pair annotation into a pairs-table row (with the SPair extra columns)."""
     path = root / "PairAnnotation" / split / f"{stem}.json"
     ann = _read_json(path, listed_in)
@@ -412,19 +457,24 @@ def _spair_row(root: Path, split: str, stem: str, listed_in: Path) -> dict[str, 
         f"JPEGImages/{category}/{values['src_imname']}",
         f"JPEGImages/{category}/{values['trg_imname']}",
     )
-    for image in images:
-        if not (root / image).is_file():
-            raise FileNotFoundError(f"image not found: {root / image} (referenced by {path})")
+    sizes = []
+    for side, image in zip(("src", "trg"), images, strict=True):
+        stated = _spair_imsize(values[f"{side}_imsize"], path, f"{side}_imsize")
+        actual = image_sizes(image, path)
+        if stated != actual:
+            raise ValueError(
+                f"{path}: pair {stem!r}: {side}_imsize says {stated[0]} x {stated[1]} but {root / image} "
+                f"is {actual[0]} x {actual[1]}: the annotation does not belong to this image (re-fetch the "
+                "dataset)"
+            )
+        sizes.append(actual)
     row = _pair_row(
         pair_id=stem,
         dataset="spair",
         split=split,
         category=category,
         images=images,
-        sizes=(
-            _spair_imsize(values["src_imsize"], path, "src_imsize"),
-            _spair_imsize(values["trg_imsize"], path, "trg_imsize"),
-        ),
+        sizes=(sizes[0], sizes[1]),
         kps=(src_kps, trg_kps),
         bboxes=(
             _as_bbox(values["src_bndbox"], path, "src_bndbox"),
@@ -435,17 +485,22 @@ def _spair_row(root: Path, split: str, stem: str, listed_in: Path) -> dict[str, 
     for key in SPAIR_EXTRA_COLUMNS[:5]:
         row[key] = _as_int(values[key], path, key)
     row["kps_ids"] = [str(k) for k in kps_ids]
+    row["_file"] = str(path)
     return row
 
 
-def parse_spair(root: PathLike, split: str, layout: str = "large") -> pd.DataFrame:
+def parse_spair(
+    root: PathLike, split: str, layout: str = "large", report: PairsReport | None = None
+) -> pd.DataFrame:
     """Parse SPair-71k ``split`` (order of ``Layout/<layout>/<split>.txt``) into the pairs table."""
     root = Path(root)
     list_path = root / "Layout" / layout / f"{split}.txt"
     _check_split(split, list_path)
+    report = _new_report(report, "spair", split, list_path, "PairAnnotation JSON")
     stems = read_spair_split_list(list_path)
-    rows = [_spair_row(root, split, stem, list_path) for stem in stems]
-    return _table(rows, PAIRS_COLUMNS + SPAIR_EXTRA_COLUMNS, list_path)
+    sizes = ImageSizes(root)
+    rows = [_spair_row(root, split, stem, list_path, sizes) for stem in stems]
+    return _table(rows, PAIRS_COLUMNS + SPAIR_EXTRA_COLUMNS, list_path, report)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,26 +521,54 @@ def find_pfpascal_pairs_csv(directory: PathLike, split: str) -> Path:
     )
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    """Read a pair CSV as strings so that every value is converted (and checked) explicitly."""
+def read_csv_rows(path: PathLike, is_data: Callable[[list[str]], bool]) -> list[list[str]]:
+    """The data rows of a pair CSV as lists of stripped cells, read by position.
+
+    The first row is a header, whatever its names, unless ``is_data`` says it is a pair; blank lines are
+    skipped and a UTF-8 byte-order mark is ignored.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pair list not found: {path}")
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = [[cell.strip() for cell in row] for row in csv.reader(handle) if any(c.strip() for c in row)]
+    if rows and not is_data(rows[0]):
+        rows = rows[1:]
+    return rows
 
 
-def _require_columns(df: pd.DataFrame, columns: Sequence[str], source: Path) -> None:
-    """Raise naming the CSV and the missing columns."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{source}: missing columns {missing}")
+def _is_int(text: str) -> bool:
+    return re.fullmatch(r"[+-]?\d+", text) is not None
 
 
-def _parse_number(text: str, source: Path, row: int, column: str) -> float:
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _path_parts(text: str) -> list[str]:
+    """Components of a CSV image path, whichever separator it uses."""
+    return [part for part in re.split(r"[\\/]+", text) if part]
+
+
+def pfpascal_image(text: str, source: PathLike, row: int) -> str:
+    """A PF-Pascal CSV image path joined by file name: ``PF-dataset-PASCAL/JPEGImages/<file>``."""
+    parts = _path_parts(text)
+    if not parts:
+        raise ValueError(f"{source}: row {row}: empty image path")
+    return f"{PFPASCAL_IMAGE_DIR}/{parts[-1]}"
+
+
+def _parse_number(text: str, source: Path, row: int, column: str, position: int | None = None) -> float:
     """Parse one CSV number, naming the file, row and column on failure."""
     try:
         return float(text)
     except ValueError as exc:
-        raise ValueError(f"{source}: row {row}, column {column}: not a number: {text!r}") from exc
+        where = f" (column {position + 1})" if position is not None else ""
+        raise ValueError(f"{source}: row {row}, column {column}: not a number: {text!r}{where}") from exc
 
 
 def _parse_coordinate_list(text: str, source: Path, row: int, column: str) -> list[float]:
@@ -512,10 +595,13 @@ def _parse_flip(text: str, source: Path, row: int) -> bool:
 
 
 def _inline_points(
-    record: dict[str, str], source: Path, row: int
+    cells: Sequence[str], source: Path, row: int
 ) -> tuple[list[list[float]], list[list[float]]]:
-    """Parse the inline XA/YA/XB/YB keypoints of one test-CSV row (NaN entries kept)."""
-    coords = {c: _parse_coordinate_list(record[c], source, row, c) for c in _PFPASCAL_INLINE_COLUMNS}
+    """Parse the inline XA/YA/XB/YB keypoints (columns 4-7) of one test-CSV row (NaN entries kept)."""
+    coords = {
+        c: _parse_coordinate_list(text, source, row, c)
+        for c, text in zip(_PFPASCAL_INLINE_COLUMNS, cells, strict=True)
+    }
     lengths = {c: len(v) for c, v in coords.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"{source}: row {row}: coordinate lists have different lengths {lengths}")
@@ -525,28 +611,41 @@ def _inline_points(
 
 
 def read_pfpascal_csv(path: PathLike) -> list[PFPascalCsvRow]:
-    """Read a PF-Pascal pair list (test: inline ``;``-separated keypoints; train/val: a ``flip`` column)."""
+    """Read a PF-Pascal pair list by column position (source, target, class, then flip or XA, YA, XB, YB).
+
+    Any header (or none) and any image path prefix: images are joined by file name under
+    ``PF-dataset-PASCAL/JPEGImages``.
+    """
     path = Path(path)
-    df = _read_csv(path)
-    _require_columns(df, ("source_image", "target_image", "class"), path)
-    inline = [c for c in _PFPASCAL_INLINE_COLUMNS if c in df.columns]
-    if inline and len(inline) != len(_PFPASCAL_INLINE_COLUMNS):
-        _require_columns(df, _PFPASCAL_INLINE_COLUMNS, path)
-    rows = []
-    for i, record in enumerate(df.to_dict("records")):
-        src, trg = _inline_points(record, path, i) if inline else (None, None)
-        flip = _parse_flip(record["flip"], path, i) if "flip" in df.columns else False
-        rows.append(
+    rows = read_csv_rows(path, lambda cells: len(cells) >= 3 and _is_int(cells[2]))
+    widths = {len(cells) for cells in rows}
+    if not rows:
+        raise ValueError(f"{path}: the PF-Pascal pair list holds no pairs")
+    if len(widths) != 1 or next(iter(widths)) not in _PFPASCAL_WIDTHS:
+        bad = next(
+            i
+            for i, cells in enumerate(rows)
+            if len(cells) not in _PFPASCAL_WIDTHS or len(cells) != len(rows[0])
+        )
+        expected = "; ".join(f"{n} ({names})" for n, names in _PFPASCAL_WIDTHS.items())
+        raise ValueError(
+            f"{path}: row {bad} has {len(rows[bad])} columns (row 0: {len(rows[0])}); a PF-Pascal list has "
+            f"{expected}"
+        )
+    records = []
+    for i, cells in enumerate(rows):
+        src, trg = _inline_points(cells[3:], path, i) if len(cells) == 7 else (None, None)
+        records.append(
             PFPascalCsvRow(
-                source_image=record["source_image"],
-                target_image=record["target_image"],
-                class_id=_parse_class_id(record["class"], path, i),
-                flip=flip,
+                source_image=pfpascal_image(cells[0], path, i),
+                target_image=pfpascal_image(cells[1], path, i),
+                class_id=_parse_class_id(cells[2], path, i),
+                flip=_parse_flip(cells[3], path, i) if len(cells) == 4 else False,
                 src_kps=src,
                 trg_kps=trg,
             )
         )
-    return rows
+    return records
 
 
 def read_pfpascal_mat(path: PathLike) -> tuple[np.ndarray, list[float]]:
@@ -586,39 +685,46 @@ def mutually_visible(src: Sequence[Sequence[float]], trg: Sequence[Sequence[floa
 
 
 def _pfpascal_annotations(
-    root: Path, record: PFPascalCsvRow, category: str, source: Path, row: int
-) -> tuple[list[list[float]], list[list[float]], list[float] | None, list[float] | None]:
-    """Keypoints (all, NaNs kept) and bboxes of one pair: inline CSV keypoints or the two ``.mat`` files."""
+    root: Path, record: PFPascalCsvRow, category: str, source: Path, row: int, report: PairsReport
+) -> tuple[list[list[float]], list[list[float]], list[float], list[float]]:
+    """Keypoints (all, NaNs kept) and bboxes of one pair from its two ``.mat`` files (as the authors read
+    them); the test CSV's inline keypoints are cross-checked and a disagreement is recorded in ``report``."""
     mats = [
         pfpascal_annotation_path(root, image, category)
         for image in (record.source_image, record.target_image)
     ]
-    inline = record.src_kps is not None and record.trg_kps is not None
-    read = [read_pfpascal_mat(m) if (m.is_file() or not inline) else None for m in mats]
-    bboxes = [r[1] if r is not None else None for r in read]
-    if inline:
-        return record.src_kps, record.trg_kps, bboxes[0], bboxes[1]
-    src_kps, trg_kps = (r[0] for r in read)
+    (src_kps, src_bbox), (trg_kps, trg_bbox) = (read_pfpascal_mat(m) for m in mats)
     if src_kps.shape != trg_kps.shape:
         raise ValueError(
             f"{source}: row {row}: {mats[0]} has {len(src_kps)} keypoints but {mats[1]} has {len(trg_kps)}"
         )
-    return src_kps.tolist(), trg_kps.tolist(), bboxes[0], bboxes[1]
+    if record.src_kps is not None and record.trg_kps is not None:
+        inline_keep = mutually_visible(record.src_kps, record.trg_kps)
+        mat_keep = mutually_visible(src_kps, trg_kps)
+        detail = inline_disagreement(
+            ([record.src_kps[i] for i in inline_keep], [record.trg_kps[i] for i in inline_keep]),
+            (src_kps[mat_keep].tolist(), trg_kps[mat_keep].tolist()),
+        )
+        if detail is not None:
+            report.disagree(str(row), f"{source} row {row} vs {mats[0].name}, {mats[1].name}", detail)
+    return src_kps.tolist(), trg_kps.tolist(), src_bbox, trg_bbox
 
 
-def _pfpascal_row(root: Path, split: str, record: PFPascalCsvRow, source: Path, row: int) -> dict[str, Any]:
+def _pfpascal_row(
+    root: Path, split: str, record: PFPascalCsvRow, source: Path, row: int, report: PairsReport
+) -> dict[str, Any]:
     """Turn one PF-Pascal CSV row into a pairs-table row (mutually visible keypoints, flip applied)."""
     category = PFPASCAL_CLASSES[record.class_id - 1]
     src_size = image_size(root / record.source_image, f"{source} row {row}")
     trg_size = image_size(root / record.target_image, f"{source} row {row}")
-    src_all, trg_all, src_bbox, trg_bbox = _pfpascal_annotations(root, record, category, source, row)
+    src_all, trg_all, src_bbox, trg_bbox = _pfpascal_annotations(root, record, category, source, row, report)
     keep = mutually_visible(src_all, trg_all)
     src_kps = [[float(v) for v in src_all[i]] for i in keep]
     trg_kps = [[float(v) for v in trg_all[i]] for i in keep]
     if record.flip:
         src_kps, trg_kps = flip_points(src_kps, src_size[0]), flip_points(trg_kps, trg_size[0])
         src_bbox, trg_bbox = flip_bbox(src_bbox, src_size[0]), flip_bbox(trg_bbox, trg_size[0])
-    return _pair_row(
+    row_dict = _pair_row(
         pair_id=str(row),
         dataset="pfpascal",
         split=split,
@@ -629,16 +735,23 @@ def _pfpascal_row(root: Path, split: str, record: PFPascalCsvRow, source: Path, 
         bboxes=(src_bbox, trg_bbox),
         flip=record.flip,
     )
+    row_dict["_file"] = f"{source} row {row}"
+    return row_dict
 
 
-def parse_pfpascal(root: PathLike, split: str, pairs_csv: PathLike) -> pd.DataFrame:
-    """Parse a PF-Pascal pair list (paths relative to ``root``) into the pairs table, in CSV order."""
+def parse_pfpascal(
+    root: PathLike, split: str, pairs_csv: PathLike, report: PairsReport | None = None
+) -> pd.DataFrame:
+    """Parse a PF-Pascal pair list (images joined by file name under ``root``) into the pairs table, in CSV
+    order; keypoints and bboxes come from the ``.mat`` annotations."""
     root, pairs_csv = Path(root), Path(pairs_csv)
     _check_split(split, pairs_csv)
+    report = _new_report(report, "pfpascal", split, pairs_csv, "PF-Pascal Annotations/<class>/<image>.mat")
     rows = [
-        _pfpascal_row(root, split, rec, pairs_csv, i) for i, rec in enumerate(read_pfpascal_csv(pairs_csv))
+        _pfpascal_row(root, split, rec, pairs_csv, i, report)
+        for i, rec in enumerate(read_pfpascal_csv(pairs_csv))
     ]
-    return _table(rows, PAIRS_COLUMNS, pairs_csv)
+    return _table(rows, PAIRS_COLUMNS, pairs_csv, report)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -658,8 +771,17 @@ def read_pfwillow_mat(path: PathLike) -> np.ndarray:
 
 
 def _pfwillow_columns() -> list[str]:
-    """The 40 coordinate columns XA1..XA10, YA1..YA10, XB1..XB10, YB1..YB10."""
+    """The names of the 40 coordinate columns by position: XA1..XA10, YA1..YA10, XB1..XB10, YB1..YB10."""
     return [f"{axis}{side}{i}" for side in "AB" for axis in "XY" for i in range(1, _PFWILLOW_N_KPS + 1)]
+
+
+def pfwillow_image(text: str, source: PathLike, row: int) -> str:
+    """A PF-Willow CSV image path joined by file name and sub-class folder: ``PF-dataset/<class>/<file>``
+    (file names repeat across sub-classes, so the folder is needed; any prefix before it is ignored)."""
+    parts = _path_parts(text)
+    if len(parts) < 2:
+        raise ValueError(f"{source}: row {row}: image path {text!r} names no sub-class folder")
+    return f"{PFWILLOW_IMAGE_DIR}/{parts[-2]}/{parts[-1]}"
 
 
 def _pfwillow_category(image: str, source: Path, row: int) -> str:
@@ -670,46 +792,59 @@ def _pfwillow_category(image: str, source: Path, row: int) -> str:
     return category
 
 
-def _pfwillow_points(record: dict[str, str], side: str, source: Path, row: int) -> list[list[float]]:
-    """Parse the 10 finite keypoints of image ``side`` (A or B) of one CSV row."""
+def _pfwillow_points(cells: Sequence[str], side: int, source: Path, row: int) -> list[list[float]]:
+    """Parse the 10 finite keypoints of image ``side`` (0: A, 1: B) of one CSV row, by column position."""
+    names = _pfwillow_columns()
+    first = 2 + side * 2 * _PFWILLOW_N_KPS
     points = []
-    for i in range(1, _PFWILLOW_N_KPS + 1):
-        x = _parse_number(record[f"X{side}{i}"], source, row, f"X{side}{i}")
-        y = _parse_number(record[f"Y{side}{i}"], source, row, f"Y{side}{i}")
+    for i in range(_PFWILLOW_N_KPS):
+        px, py = first + i, first + _PFWILLOW_N_KPS + i
+        x = _parse_number(cells[px], source, row, names[px - 2], px)
+        y = _parse_number(cells[py], source, row, names[py - 2], py)
         if not (math.isfinite(x) and math.isfinite(y)):
-            raise ValueError(f"{source}: row {row}: keypoint {side}{i} is not finite ({x}, {y})")
+            raise ValueError(f"{source}: row {row}: keypoint {'AB'[side]}{i + 1} is not finite ({x}, {y})")
         points.append([x, y])
     return points
 
 
-def _pfwillow_row(root: Path, record: dict[str, str], source: Path, row: int) -> dict[str, Any]:
+def _pfwillow_row(root: Path, cells: Sequence[str], source: Path, row: int) -> dict[str, Any]:
     """Turn one PF-Willow CSV row into a pairs-table row."""
-    category = _pfwillow_category(record["imageA"], source, row)
-    if _pfwillow_category(record["imageB"], source, row) != category:
+    images = (pfwillow_image(cells[0], source, row), pfwillow_image(cells[1], source, row))
+    category = _pfwillow_category(images[0], source, row)
+    if _pfwillow_category(images[1], source, row) != category:
         raise ValueError(f"{source}: row {row}: imageA and imageB belong to different sub-classes")
-    return _pair_row(
+    row_dict = _pair_row(
         pair_id=str(row),
         dataset="pfwillow",
         split="test",
         category=category,
-        images=(record["imageA"], record["imageB"]),
+        images=images,
         sizes=(
-            image_size(root / record["imageA"], f"{source} row {row}"),
-            image_size(root / record["imageB"], f"{source} row {row}"),
+            image_size(root / images[0], f"{source} row {row}"),
+            image_size(root / images[1], f"{source} row {row}"),
         ),
-        kps=(_pfwillow_points(record, "A", source, row), _pfwillow_points(record, "B", source, row)),
+        kps=(_pfwillow_points(cells, 0, source, row), _pfwillow_points(cells, 1, source, row)),
         bboxes=(None, None),
         flip=False,
     )
+    row_dict["_file"] = f"{source} row {row}"
+    return row_dict
 
 
-def parse_pfwillow(root: PathLike, pairs_csv: PathLike) -> pd.DataFrame:
-    """Parse the PF-Willow test pair list (paths relative to ``root``) into the pairs table, in CSV order."""
+def parse_pfwillow(root: PathLike, pairs_csv: PathLike, report: PairsReport | None = None) -> pd.DataFrame:
+    """Parse the PF-Willow test pair list by column position (any header, any path prefix) into the pairs
+    table, in CSV order."""
     root, pairs_csv = Path(root), Path(pairs_csv)
-    df = _read_csv(pairs_csv)
-    _require_columns(df, ["imageA", "imageB", *_pfwillow_columns()], pairs_csv)
-    rows = [_pfwillow_row(root, rec, pairs_csv, i) for i, rec in enumerate(df.to_dict("records"))]
-    return _table(rows, PAIRS_COLUMNS, pairs_csv)
+    report = _new_report(report, "pfwillow", "test", pairs_csv, "PF-Willow test_pairs.csv")
+    rows = read_csv_rows(pairs_csv, lambda cells: len(cells) >= 3 and _is_number(cells[2]))
+    for i, cells in enumerate(rows):
+        if len(cells) != _PFWILLOW_WIDTH:
+            raise ValueError(
+                f"{pairs_csv}: row {i} has {len(cells)} columns; the PF-Willow list has {_PFWILLOW_WIDTH} "
+                f"(imageA, imageB, then {_PFWILLOW_N_KPS} x and {_PFWILLOW_N_KPS} y of A, then of B)"
+            )
+    table_rows = [_pfwillow_row(root, cells, pairs_csv, i) for i, cells in enumerate(rows)]
+    return _table(table_rows, PAIRS_COLUMNS, pairs_csv, report)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -717,22 +852,35 @@ def parse_pfwillow(root: PathLike, pairs_csv: PathLike) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 
 
+def build_pairs(
+    dataset: str, root: PathLike, split: str, pairs_csv: PathLike | None = None, layout: str = "large"
+) -> tuple[pd.DataFrame, PairsReport]:
+    """The normalised pairs table of ``dataset`` (spair / pfpascal / pfwillow) and ``split``, and the report
+    of what was kept (skipped pairs, PF-Pascal keypoint cross-check)."""
+    report = PairsReport(dataset, split, "")
+    if dataset == "spair":
+        if pairs_csv is not None:
+            raise ValueError(f"spair takes its pairs from Layout/{layout}/{split}.txt, not from {pairs_csv}")
+        report.source = str(Path(root) / "Layout" / layout / f"{split}.txt")
+        return parse_spair(root, split, layout, report), report
+    if dataset == "pfpascal":
+        csv_path = Path(pairs_csv) if pairs_csv is not None else find_pfpascal_pairs_csv(root, split)
+        report.source = str(csv_path)
+        return parse_pfpascal(root, split, csv_path, report), report
+    if dataset == "pfwillow":
+        if split != "test":
+            raise ValueError(f"PF-Willow has only a test split, got {split!r} (root {root})")
+        csv_path = Path(pairs_csv) if pairs_csv is not None else Path(root) / "test_pairs.csv"
+        report.source = str(csv_path)
+        return parse_pfwillow(root, csv_path, report), report
+    raise ValueError(f"unknown dataset {dataset!r} (root {root}); expected one of {list(DATASETS)}")
+
+
 def build_pairs_table(
     dataset: str, root: PathLike, split: str, pairs_csv: PathLike | None = None, layout: str = "large"
 ) -> pd.DataFrame:
     """Build the normalised pairs table of ``dataset`` (spair / pfpascal / pfwillow) and ``split``."""
-    if dataset == "spair":
-        if pairs_csv is not None:
-            raise ValueError(f"spair takes its pairs from Layout/{layout}/{split}.txt, not from {pairs_csv}")
-        return parse_spair(root, split, layout)
-    if dataset == "pfpascal":
-        csv = Path(pairs_csv) if pairs_csv is not None else find_pfpascal_pairs_csv(root, split)
-        return parse_pfpascal(root, split, csv)
-    if dataset == "pfwillow":
-        if split != "test":
-            raise ValueError(f"PF-Willow has only a test split, got {split!r} (root {root})")
-        return parse_pfwillow(root, pairs_csv if pairs_csv is not None else Path(root) / "test_pairs.csv")
-    raise ValueError(f"unknown dataset {dataset!r} (root {root}); expected one of {list(DATASETS)}")
+    return build_pairs(dataset, root, split, pairs_csv, layout)[0]
 
 
 def _validate_row(row: dict[str, Any], source: PathLike) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import shutil
 import threading
 from pathlib import Path
 
@@ -105,3 +106,15 @@ def test_unreadable_fetch_record_names_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="fetch.json"):
         read_location(bad)
+
+
+def test_rerun_after_a_failed_extraction_reuses_the_archive(tmp_path, server):
+    """The fetch job failed after its download (say, a full disk while extracting): the rerun reuses it."""
+    location = acquire_dataset("spair", _cfg(server, "spair"), tmp_path / "data", tmp_path / "downloads")
+    archive = tmp_path / "downloads" / "SPair-71k.tar.gz"
+    before = archive.stat()
+    shutil.rmtree(tmp_path / "data")
+    again = acquire_dataset("spair", _cfg(server, "spair"), tmp_path / "data", tmp_path / "downloads")
+    after = archive.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert again.sources == location.sources and Path(again.root).is_dir()

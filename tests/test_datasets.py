@@ -302,11 +302,11 @@ def test_pfwillow_synthetic_row(tmp_path: Path) -> None:
     assert rec.src_bbox is None and rec.n_kps == 10 and rec.category == "duck(S)"
 
 
-def test_pfwillow_missing_column(tmp_path: Path) -> None:
+def test_pfwillow_wrong_column_count(tmp_path: Path) -> None:
     row = _willow_row()
     del row["YB7"]
     csv = _willow_csv(tmp_path / "test_pairs.csv", [row])
-    with pytest.raises(ValueError, match=r"test_pairs\.csv: missing columns \['YB7'\]"):
+    with pytest.raises(ValueError, match=r"test_pairs\.csv: row 0 has 41 columns; the PF-Willow list has 42"):
         ds.parse_pfwillow(tmp_path, csv)
 
 
@@ -464,22 +464,30 @@ def test_pfpascal_mat_keypoints_bboxes_and_flip(tmp_path: Path) -> None:
     assert flipped.trg_bbox == [5.0, 1.0, 49.0, 18.0]
 
 
-def test_pfpascal_inline_test_csv_with_and_without_mats(tmp_path: Path) -> None:
+def test_pfpascal_test_keypoints_come_from_the_mats_and_the_inline_copy_is_cross_checked(
+    tmp_path: Path,
+) -> None:
+    """As the authors read them: the .mat annotations; the CSV's inline copy is compared and reported."""
     _pascal_tree(tmp_path, mats=False)
+    header = "source_image,target_image,class,XA,YA,XB,YB\n"
+    agreeing = f"{A_IMG},{B_IMG},8,1;nan;5;7,2;nan;6;8,10;12;nan;15,11;13;nan;16\n"
+    differing = f"{A_IMG},{B_IMG},8,1.5;2;nan;4,3;4;5;6,10;11;12;NaN,13;14;15;16\n"
     csv = tmp_path / "test_pairs.csv"
-    csv.write_text(
-        "source_image,target_image,class,XA,YA,XB,YB\n"
-        f"{A_IMG},{B_IMG},8,1.5;2;nan;4,3;4;5;6,10;11;12;NaN,13;14;15;16\n"
-    )
-    rec = ds.records(ds.parse_pfpascal(tmp_path, "test", csv))[0]
-    assert rec.src_kps == [[1.5, 3.0], [2.0, 4.0]]
-    assert rec.trg_kps == [[10.0, 13.0], [11.0, 14.0]]
-    assert rec.src_bbox is None and rec.trg_bbox is None and rec.flip is False
+    csv.write_text(header + differing)
+    with pytest.raises(FileNotFoundError, match=r"PF-Pascal annotation not found: .*Annotations/cat/a\.mat"):
+        ds.parse_pfpascal(tmp_path, "test", csv)
     _pascal_tree(tmp_path / "with_mats")
-    (tmp_path / "with_mats" / "test_pairs.csv").write_text(csv.read_text())
-    rec = ds.records(ds.build_pairs_table("pfpascal", tmp_path / "with_mats", "test"))[0]
-    assert rec.src_kps == [[1.5, 3.0], [2.0, 4.0]]
-    assert rec.src_bbox == [2.0, 3.0, 30.0, 25.0] and rec.trg_bbox == [1.0, 1.0, 45.0, 18.0]
+    (tmp_path / "with_mats" / "test_pairs.csv").write_text(header + agreeing + differing)
+    df, report = ds.build_pairs("pfpascal", tmp_path / "with_mats", "test")
+    for rec in ds.records(df):  # rows 1 (src NaN) and 2 (trg NaN) of the .mat files are not mutually visible
+        assert rec.src_kps == [[1.0, 2.0], [7.0, 8.0]] and rec.trg_kps == [[10.0, 11.0], [15.0, 16.0]]
+        assert rec.src_bbox == [2.0, 3.0, 30.0, 25.0] and rec.trg_bbox == [1.0, 1.0, 45.0, 18.0]
+    assert [d.pair_id for d in report.disagreements] == ["1"]
+    assert (
+        "the CSV lists 2 mutually visible keypoints, the .mat files 2" not in report.disagreements[0].detail
+    )
+    assert "differ by up to" in report.disagreements[0].detail
+    assert report.to_dict()["inline_keypoint_disagreements"] == 1
 
 
 def test_pfpascal_unknown_class_id(tmp_path: Path) -> None:
@@ -506,13 +514,16 @@ def test_pfpascal_wrong_length_coordinate_list(tmp_path: Path) -> None:
         ds.read_pfpascal_csv(csv)
 
 
-def test_pfpascal_missing_columns(tmp_path: Path) -> None:
+def test_pfpascal_wrong_column_counts(tmp_path: Path) -> None:
     csv = tmp_path / "test_pairs.csv"
-    csv.write_text(f"source_image,target_image,XA,YA\n{A_IMG},{B_IMG},1,2\n")
-    with pytest.raises(ValueError, match=r"test_pairs\.csv: missing columns \['class'\]"):
+    csv.write_text(f"source_image,target_image,XA,YA,XB\n{A_IMG},{B_IMG},8,1,2\n")
+    with pytest.raises(ValueError, match=r"test_pairs\.csv: row 0 has 5 columns .*a PF-Pascal list has 3 "):
         ds.read_pfpascal_csv(csv)
-    csv.write_text(f"source_image,target_image,class,XA,YA\n{A_IMG},{B_IMG},8,1,2\n")
-    with pytest.raises(ValueError, match=r"test_pairs\.csv: missing columns \['XB', 'YB'\]"):
+    csv.write_text(f"h1,h2,h3,h4\n{A_IMG},{B_IMG},8,0\n{A_IMG},{B_IMG},8,1,1;2,3;4,5;6\n")
+    with pytest.raises(ValueError, match=r"test_pairs\.csv: row 1 has 7 columns \(row 0: 4\)"):
+        ds.read_pfpascal_csv(csv)
+    csv.write_text("source_image,target_image,class,flip\n")
+    with pytest.raises(ValueError, match="holds no pairs"):
         ds.read_pfpascal_csv(csv)
 
 
@@ -551,7 +562,10 @@ def test_pfpascal_mat_errors(tmp_path: Path) -> None:
 
 
 def test_pfpascal_no_mutually_visible_keypoints(tmp_path: Path) -> None:
-    _pascal_tree(tmp_path, mats=False)
+    base = _pascal_tree(tmp_path)
+    scipy.io.savemat(
+        base / "Annotations" / "cat" / "b.mat", {"kps": np.full((4, 2), NAN), "bbox": [[1, 1, 9, 9]]}
+    )
     csv = tmp_path / "test_pairs.csv"
     csv.write_text(f"source_image,target_image,class,XA,YA,XB,YB\n{A_IMG},{B_IMG},8,nan;1,1;1,2;nan,2;2\n")
     with pytest.raises(ValueError, match=r"test_pairs\.csv: pair '0': no mutually visible keypoints"):

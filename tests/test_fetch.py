@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
+import stat
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -20,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from sd4match.fetch import (
+    CorruptArchiveError,
     FetchRecord,
     download,
     extract,
@@ -28,6 +34,7 @@ from sd4match.fetch import (
     sha256_file,
     write_fetch_record,
 )
+from sd4match.io import owner_tag
 
 PAYLOAD = random.Random(20240617).randbytes(300_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -40,16 +47,26 @@ TIMEOUT = 5
 
 @dataclass
 class Served:
-    """What the loopback server sends, how it treats Range, and the Range headers it received."""
+    """What the loopback server sends, how it treats Range, and the request headers it received.
+
+    Modes: "range" (honours ``Range: bytes=N-`` and ``If-Range``), "ignore_range", "die" (announces the whole
+    length, sends ``die_after`` bytes, closes), "missing" (404), "no_length" (a 200 without Content-Length,
+    delimited by closing), "cut_no_length" (such a 200 cut after ``die_after`` bytes; Range requests are
+    served), "ignore_range_no_length", "chunked" / "cut_chunked" (HTTP/1.1 chunked; cut: no last chunk),
+    "ignore_if_range" (answers a Range with 206 even when If-Range names another version).
+    """
 
     payload: bytes = PAYLOAD
-    mode: str = "range"  # "range" | "ignore_range" | "die" | "missing"
+    mode: str = "range"
     die_after: int = 0
+    etag: str | None = None
+    last_modified: str | None = None
     ranges: list[str | None] = field(default_factory=list)
+    if_ranges: list[str | None] = field(default_factory=list)
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves ``server.served.payload``; honours ``Range: bytes=N-`` only in mode 'range'."""
+    """Serves ``server.served.payload`` as ``Served.mode`` says."""
 
     timeout = TIMEOUT
 
@@ -57,32 +74,63 @@ class Handler(BaseHTTPRequestHandler):
         """Keep the test output quiet."""
 
     def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        served: Served = self.server.served  # type: ignore[attr-defined]
         self.send_response(status)
-        for key, value in headers.items():
+        validators = {"ETag": served.etag, "Last-Modified": served.last_modified}
+        for key, value in {**{k: v for k, v in validators.items() if v}, **headers}.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_chunked(self, body: bytes, cut: bool) -> None:
+        self.protocol_version = "HTTP/1.1"
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        pieces = [body[i : i + 50_000] for i in range(0, len(body), 50_000)]
+        for piece in pieces[: len(pieces) // 2] if cut else pieces:
+            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        if not cut:
+            self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
+
+    def _partial(self, data: bytes, start: int) -> None:
+        if start >= len(data):
+            self._send(416, b"", {"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"})
+        else:
+            headers = {
+                "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}",
+                "Content-Length": str(len(data) - start),
+            }
+            self._send(206, data[start:], headers)
+
     def do_GET(self) -> None:
         served: Served = self.server.served  # type: ignore[attr-defined]
         rng = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
         served.ranges.append(rng)
+        served.if_ranges.append(if_range)
         data = served.payload
+        start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1)) if rng else None
+        current = if_range is None or if_range in (served.etag, served.last_modified)
         if served.mode == "missing":
             self.send_error(404, "Not Found")
         elif served.mode == "die":
             self._send(200, data[: served.die_after], {"Content-Length": str(len(data))})
             self.close_connection = True
-        elif rng is not None and served.mode == "range":
-            start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
-            if start >= len(data):
-                self._send(416, b"", {"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"})
-            else:
-                headers = {
-                    "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}",
-                    "Content-Length": str(len(data) - start),
-                }
-                self._send(206, data[start:], headers)
+        elif served.mode in ("chunked", "cut_chunked"):
+            self._send_chunked(data, cut=served.mode == "cut_chunked")
+        elif served.mode == "no_length" and start is None:
+            self._send(200, data, {})
+        elif served.mode == "cut_no_length" and start is None:
+            self._send(200, data[: served.die_after], {})
+        elif served.mode == "ignore_range_no_length":
+            self._send(200, data, {})
+        elif start is not None and served.mode == "ignore_if_range":
+            self._partial(data, start)
+        elif start is not None and served.mode in ("range", "no_length", "cut_no_length") and current:
+            self._partial(data, start)
         else:
             self._send(200, data, {"Content-Length": str(len(data))})
 
@@ -150,39 +198,58 @@ def test_malformed_pinned_sha256_is_rejected(server: HTTPServer, tmp_path: Path)
     assert server.served.ranges == []
 
 
-def test_resume_sends_range_and_appends(server: HTTPServer, tmp_path: Path) -> None:
-    n = 100_003
+def _interrupted(server: HTTPServer, url: str, dest: Path, k: int) -> None:
+    """A first download that the server cuts after ``k`` bytes (it announced the whole length)."""
+    mode = server.served.mode
+    server.served.mode, server.served.die_after = "die", k
+    with pytest.raises(RuntimeError, match="cut short"):
+        _get(url, dest)
+    server.served.mode = mode
+
+
+def test_part_of_unknown_origin_is_not_resumed(server: HTTPServer, tmp_path: Path) -> None:
+    """A .part without its record (an older run, a copied file) may belong to anything: start again."""
     dest = tmp_path / "data.bin"
-    (tmp_path / "data.bin.part").write_bytes(PAYLOAD[:n])
-    assert _get(_url(server), dest, sha256=PAYLOAD_SHA) == PAYLOAD_SHA
-    assert server.served.ranges == [f"bytes={n}-"]
+    (tmp_path / "data.bin.part").write_bytes(b"x" * 100_003)
+    assert _get(_url(server), dest) == PAYLOAD_SHA
+    assert server.served.ranges == [None]
     assert dest.read_bytes() == PAYLOAD
-    assert not (tmp_path / "data.bin.part").exists()
 
 
 def test_server_ignoring_range_restarts_from_zero(server: HTTPServer, tmp_path: Path) -> None:
     n = 100_003
+    dest = tmp_path / "data.bin"
+    _interrupted(server, _url(server), dest, n)
     server.served.mode = "ignore_range"
-    dest = tmp_path / "data.bin"
-    (tmp_path / "data.bin.part").write_bytes(PAYLOAD[:n])
     assert _get(_url(server), dest) == PAYLOAD_SHA
-    assert server.served.ranges == [f"bytes={n}-"]
+    assert server.served.ranges == [None, f"bytes={n}-"]
     assert dest.read_bytes() == PAYLOAD
 
 
-def test_416_with_complete_part_finishes_without_transfer(server: HTTPServer, tmp_path: Path) -> None:
+def test_416_with_complete_part_finishes_without_transfer(
+    server: HTTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dest = tmp_path / "data.bin"
-    (tmp_path / "data.bin.part").write_bytes(PAYLOAD)
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt  # the job dies after the last byte, while hashing, before the rename
+
+    with monkeypatch.context() as patch:
+        patch.setattr("sd4match.fetch.sha256_file", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _get(_url(server), dest)
+    assert (tmp_path / "data.bin.part").read_bytes() == PAYLOAD and not dest.exists()
     assert _get(_url(server), dest) == PAYLOAD_SHA
-    assert server.served.ranges == [f"bytes={len(PAYLOAD)}-"]
+    assert server.served.ranges == [None, f"bytes={len(PAYLOAD)}-"]
     assert dest.read_bytes() == PAYLOAD
 
 
-def test_416_with_oversized_part_restarts_from_zero(server: HTTPServer, tmp_path: Path) -> None:
+def test_oversized_part_restarts_from_zero(server: HTTPServer, tmp_path: Path) -> None:
     dest = tmp_path / "data.bin"
-    (tmp_path / "data.bin.part").write_bytes(PAYLOAD + b"junk")
+    _interrupted(server, _url(server), dest, 1000)
+    (tmp_path / "data.bin.part").write_bytes(PAYLOAD + b"junk")  # larger than the recorded 300,000 bytes
     assert _get(_url(server), dest) == PAYLOAD_SHA
-    assert server.served.ranges == [f"bytes={len(PAYLOAD) + 4}-", None]
+    assert server.served.ranges == [None, None]
     assert dest.read_bytes() == PAYLOAD
 
 
@@ -479,3 +546,203 @@ def test_fetch_archive_and_record(server: HTTPServer, tmp_path: Path) -> None:
         "size": len(archive_bytes),
         "extracted_to": str(tmp_path / "data" / "spair"),
     }
+
+
+# --------------------------------------------------------------------------------------------- issue 7 §5
+
+
+PAYLOAD2 = random.Random(99).randbytes(250_000)
+
+
+def test_body_cut_short_without_content_length_is_not_accepted(server: HTTPServer, tmp_path: Path) -> None:
+    """No length announced and the connection closes early: the end is checked with a Range request."""
+    k = 123_457
+    server.served.mode, server.served.die_after = "cut_no_length", k
+    dest = tmp_path / "data.bin"
+    assert _get(_url(server), dest) == PAYLOAD_SHA
+    assert server.served.ranges == [None, f"bytes={k}-"]  # the rest came as a 206
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_complete_body_without_length_is_confirmed_by_the_server(server: HTTPServer, tmp_path: Path) -> None:
+    server.served.mode = "no_length"
+    dest = tmp_path / "data.bin"
+    assert _get(_url(server), dest) == PAYLOAD_SHA
+    assert server.served.ranges == [None, f"bytes={len(PAYLOAD)}-"]  # 416: nothing lies beyond
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_unconfirmable_body_needs_a_pinned_hash(server: HTTPServer, tmp_path: Path) -> None:
+    server.served.mode = "ignore_range_no_length"
+    dest = tmp_path / "data.bin"
+    with pytest.raises(
+        RuntimeError, match="cannot tell whether the 300000 bytes received are the whole file"
+    ):
+        _get(_url(server), dest)
+    assert not dest.exists()
+    assert _get(_url(server), dest, sha256=PAYLOAD_SHA) == PAYLOAD_SHA
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_chunked_body_complete_and_cut(server: HTTPServer, tmp_path: Path) -> None:
+    server.served.mode = "chunked"
+    assert _get(_url(server), tmp_path / "a.bin") == PAYLOAD_SHA
+    assert server.served.ranges == [None]  # the last chunk arrived: no confirmation needed
+    server.served.mode = "cut_chunked"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _get(_url(server), tmp_path / "b.bin")
+    assert not (tmp_path / "b.bin").exists()
+
+
+def test_part_of_another_url_is_not_spliced(server: HTTPServer, tmp_path: Path) -> None:
+    dest = tmp_path / "data.bin"
+    _interrupted(server, _url(server, "mirror-a/data.bin"), dest, 100_000)
+    server.served.payload = PAYLOAD2
+    url_b = _url(server, "mirror-b/data.bin")
+    assert _get(url_b, dest) == hashlib.sha256(PAYLOAD2).hexdigest()
+    assert server.served.ranges == [None, None]
+    assert dest.read_bytes() == PAYLOAD2
+
+
+@pytest.mark.parametrize("validator", ["etag", "last_modified"])
+def test_changed_remote_file_is_not_spliced_if_range(
+    server: HTTPServer, tmp_path: Path, validator: str
+) -> None:
+    """The .part holds version 1; the server now has version 2: If-Range makes it send all of version 2."""
+    values = {
+        "etag": ('"v1"', '"v2"'),
+        "last_modified": ("Mon, 01 Jan 2024 00:00:00 GMT", "Tue, 02 Jan 2024 00:00:00 GMT"),
+    }
+    old, new = values[validator]
+    setattr(server.served, validator, old)
+    dest = tmp_path / "data.bin"
+    _interrupted(server, _url(server), dest, 100_000)
+    server.served.payload = PAYLOAD2
+    setattr(server.served, validator, new)
+    assert _get(_url(server), dest) == hashlib.sha256(PAYLOAD2).hexdigest()
+    assert server.served.ranges == [None, "bytes=100000-"] and server.served.if_ranges == [None, old]
+    assert dest.read_bytes() == PAYLOAD2
+
+
+def test_changed_remote_file_is_not_spliced_when_the_server_ignores_if_range(
+    server: HTTPServer, tmp_path: Path
+) -> None:
+    server.served.etag = '"v1"'
+    dest = tmp_path / "data.bin"
+    _interrupted(server, _url(server), dest, 100_000)
+    server.served.mode, server.served.payload, server.served.etag = "ignore_if_range", PAYLOAD2, '"v2"'
+    assert _get(_url(server), dest) == hashlib.sha256(PAYLOAD2).hexdigest()
+    assert server.served.ranges == [None, "bytes=100000-", None]  # the 206 of version 2 was refused
+    assert dest.read_bytes() == PAYLOAD2
+
+
+def test_changed_size_without_validators_is_not_spliced(server: HTTPServer, tmp_path: Path) -> None:
+    dest = tmp_path / "data.bin"
+    _interrupted(server, _url(server), dest, 100_000)
+    server.served.payload = PAYLOAD2  # no ETag / Last-Modified: the recorded length tells the versions apart
+    assert _get(_url(server), dest) == hashlib.sha256(PAYLOAD2).hexdigest()
+    assert server.served.ranges == [None, "bytes=100000-", None]
+    assert dest.read_bytes() == PAYLOAD2
+
+
+def test_finished_download_is_reused_and_a_changed_url_or_hash_is_not(
+    server: HTTPServer, tmp_path: Path
+) -> None:
+    dest = tmp_path / "data.bin"
+    assert _get(_url(server), dest) == PAYLOAD_SHA
+    assert json.loads((tmp_path / "data.bin.download.json").read_text()) == {
+        "url": _url(server),
+        "size": len(PAYLOAD),
+        "sha256": PAYLOAD_SHA,
+    }
+    assert _get(_url(server), dest) == PAYLOAD_SHA
+    assert _get(_url(server), dest, sha256=PAYLOAD_SHA) == PAYLOAD_SHA
+    assert server.served.ranges == [None]  # nothing downloaded twice
+    assert _get(_url(server, "other/data.bin"), dest) == PAYLOAD_SHA
+    assert server.served.ranges == [None, None]  # another URL: downloaded
+    dest.write_bytes(PAYLOAD[:-1] + b"\0")  # same size, other content: a pinned hash catches it
+    assert _get(_url(server, "other/data.bin"), dest, sha256=PAYLOAD_SHA) == PAYLOAD_SHA
+    assert server.served.ranges == [None, None, None] and dest.read_bytes() == PAYLOAD
+
+
+def _enospc(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_archive_is_not_downloaded_again_after_the_extraction_failed(
+    server: HTTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.served.payload = _make_tar(tmp_path / "built.tar.gz", FILES).read_bytes()
+    url, archive, out = _url(server, "ds.tar.gz"), tmp_path / "dl" / "ds.tar.gz", tmp_path / "data" / "ds"
+    with monkeypatch.context() as patch:
+        patch.setattr("sd4match.fetch.shutil.copyfileobj", _enospc)  # the disk fills up while extracting
+        with pytest.raises(OSError) as info:
+            fetch_archive(url, archive, out, progress=False)
+    assert info.value.errno == errno.ENOSPC
+    assert "while extracting" in str(info.value) and str(out.parent) in str(info.value)
+    assert archive.read_bytes() == server.served.payload and not out.exists()
+    assert _leftovers(out.parent, "ds") == []
+    fetch_archive(url, archive, out, progress=False)  # the rerun
+    assert server.served.ranges == [None]
+    assert _tree(out) == FILES
+
+
+def test_corrupt_archive_is_deleted_so_the_rerun_downloads_it_again(
+    server: HTTPServer, tmp_path: Path
+) -> None:
+    good = _make_tar(tmp_path / "built.tar.gz", FILES).read_bytes()
+    server.served.payload = good[: len(good) // 2]  # the server itself holds a truncated copy
+    url, archive, out = _url(server, "ds.tar.gz"), tmp_path / "dl" / "ds.tar.gz", tmp_path / "data" / "ds"
+    with pytest.raises(CorruptArchiveError, match="was deleted, so a rerun downloads it again"):
+        fetch_archive(url, archive, out, progress=False)
+    assert not archive.exists() and not (tmp_path / "dl" / "ds.tar.gz.download.json").exists()
+    server.served.payload = good
+    fetch_archive(url, archive, out, progress=False)
+    assert server.served.ranges == [None, None]
+    assert _tree(out) == FILES
+
+
+def test_extraction_on_a_full_disk_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = _make_zip(tmp_path / "ds.zip", FILES)
+    monkeypatch.setattr("sd4match.fetch.shutil.copyfileobj", _enospc)
+    with pytest.raises(OSError, match=r"No space left on device while extracting .*/root/a.txt"):
+        extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path, "out") == []
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(done.stdout)
+
+
+def test_killed_extractions_leave_nothing_after_the_next_run(tmp_path: Path) -> None:
+    tag = owner_tag().rsplit("-", 1)[0]
+    dead = [
+        tmp_path / f".out.extracting-{tag}-{_dead_pid()}-abc123",
+        tmp_path / f".out.old-{tag}-{_dead_pid()}-ff00",
+    ]
+    live = tmp_path / f".out.extracting-{tag}-{os.getppid()}-def456"  # another job still extracting
+    other_host = tmp_path / ".out.extracting-elsewhere-1-aaa111"  # a job on another node of the cluster
+    for folder in [*dead, live, other_host]:
+        (folder / "root").mkdir(parents=True)
+        (folder / "root" / "big.bin").write_bytes(b"x" * 1000)
+    extract(_make_zip(tmp_path / "ds.zip", FILES), tmp_path / "out")
+    assert not any(folder.exists() for folder in dead)
+    assert live.exists() and other_host.exists()
+    assert _tree(tmp_path / "out") == FILES
+
+
+@pytest.mark.parametrize(("umask", "dirs", "files"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_extracted_dataset_follows_the_umask(tmp_path: Path, umask: int, dirs: int, files: int) -> None:
+    archive = _make_tar(tmp_path / "ds.tar.gz", FILES)
+    old = os.umask(umask)
+    try:
+        out = extract(archive, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == dirs
+    assert stat.S_IMODE((out / "root" / "sub").stat().st_mode) == dirs
+    assert stat.S_IMODE((out / "root" / "a.txt").stat().st_mode) == files
