@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from sd4match.config import config_hash, is_demo, method_config, validate_config
+from sd4match.config_checks import train_settings_data
 from sd4match.seeds import (
     check_seeds,
     coerce_seed_lists,
@@ -99,13 +100,9 @@ def variant_kind(variant):
 
 
 def train_settings(wildcards):
-    """TrainSettings of one run: the config's training block plus variant kind, image size and the run's seed."""
-    return {
-        **SD4["training"],
-        "variant": variant_kind(wildcards.variant),
-        "image_size": config["image_size"],
-        "seed": int(wildcards.seed),
-    }
+    """TrainSettings of one run: the config's training block plus variant kind, image size and the run's seed
+    (the same function validates them at parse time)."""
+    return train_settings_data(config, wildcards.variant, wildcards.seed)
 
 
 def cpm_options(wildcards):

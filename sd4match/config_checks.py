@@ -93,13 +93,14 @@ def _check_image_sizes(config: Mapping[str, Any], source: str) -> None:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def train_settings_data(config: Mapping[str, Any], variant: str) -> dict[str, Any]:
-    """The TrainSettings fields of one run, as rules/common.smk ``train_settings`` passes them."""
+def train_settings_data(config: Mapping[str, Any], variant: str, seed: int | None = None) -> dict[str, Any]:
+    """The TrainSettings fields of one run (rules/common.smk ``train_settings`` passes exactly these): the
+    training block plus the variant's kind, the image size and the run's seed (default: ``seed``)."""
     return {
         **config["sd4match"]["training"],
         "variant": config["sd4match"]["variants"][variant]["kind"],
         "image_size": config["image_size"],
-        "seed": config["seed"],
+        "seed": config["seed"] if seed is None else int(seed),
     }
 
 
@@ -115,13 +116,13 @@ def _train_keys(variant: str, field_names: list[str]) -> dict[str, str]:
 
 def _check_training(config: Mapping[str, Any], source: str) -> None:
     """Build TrainSettings as train_prompt does and split the batch over the ``gpu.train`` processes."""
-    from sd4match.training import TrainSettings
+    from sd4match.training_job import TrainSettings
 
     names = [f.name for f in fields(TrainSettings)]
     processes = max(1, config["gpu"]["train"])  # gpu: 0 runs in-process on the CPU
     for variant in config["sd4match"]["variants"]:
         keys = _train_keys(variant, names)
-        checked_by = "the train_prompt job (sd4match.training.TrainSettings)"
+        checked_by = "the train_prompt job (sd4match.training_job.TrainSettings)"
         settings = _build(
             lambda v=variant: TrainSettings.from_dict(train_settings_data(config, v), "TrainSettings"),
             keys,

@@ -201,7 +201,8 @@ def test_evaluation_and_training_work_of_the_paper(paper_dag):
     assert train.passes["unet"] == 90_000 * 6 + 6 * 322 and train.passes["text"] == 90_000 * 6 + 6 * 322
     assert train.cpu_s == {"score pairs": 6 * 5_384 * 0.5}
     dedup = W.job_work(
-        by_label["train_prompt[seed=0,trainset=spair,variant=single]"], _context(config, W.CODE_PRESETS["issue9"])
+        by_label["train_prompt[seed=0,trainset=spair,variant=single]"],
+        _context(config, W.CODE_PRESETS["issue9"]),
     )
     assert dedup.passes["text"] == 90_000 * 1 + 6 * 1 and "score pairs" not in dedup.cpu_s
     fig4 = W.job_work(by_label["fig4"], ctx)
