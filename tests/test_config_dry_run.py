@@ -55,6 +55,6 @@ def test_fig3a_case_overrides_from_the_command_line_merge_with_config_yaml(workd
     result = snakemake(*args, cwd=workdir)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "results/sd4match/spair/cpm_no_gn/spair/summary.csv" in output
+    assert "results/sd4match/spair/cpm_no_gn/seed0/spair/summary.csv" in output
     assert "cpm_pair_global" not in output.replace("ablation_cpm_pair_global", "")
     assert job_counts(output)["train_prompt"] == 1
