@@ -18,7 +18,7 @@ from sd4match.datasets import load_image, read_pairs_table
 from sd4match.io import write_table_atomic
 from sd4match.matching import bbox_to_squashed_frame, match_all, to_squashed_frame
 from sd4match.metrics import PairScore, pck, pck_threshold, per_pair_frame, summarise
-from sd4match.models import load_stable_diffusion, read_model_record
+from sd4match.models import read_model_record
 from sd4match.prompts import CategoryPromptEncoder, PromptSource, encode_prompt_pair
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,8 @@ def sd_text_prompt_features(
             image = load_image(root, key.path, flip=key.flip)
             pixels = featurizer.preprocess([image], image_size)
             with torch.no_grad():
-                hidden = conditioning([key.category])
+                with featurizer.autocast():
+                    hidden = conditioning([key.category])
                 generator = torch.Generator(device="cpu").manual_seed(image_seed(seed, key))
                 out.append(featurizer(pixels, hidden, timestep, ensemble, generator)[0])
         return torch.stack(out)
@@ -300,8 +301,9 @@ def conditional_feature_batches(
         latents = torch.stack([memo(s) for s, _ in keys] + [memo(t) for _, t in keys])
         generator = torch.Generator(device="cpu").manual_seed(_chunk_seed(seed, [r.pair_id for r in chunk]))
         with torch.no_grad():
-            src_embeds, trg_embeds = module.prompt_pair(batch)
-            hidden = encode_prompt_pair(featurizer.text_encoder, src_embeds, trg_embeds)
+            src_embeds, trg_embeds = module.prompt_pair(batch)  # fp32 prompt module
+            with featurizer.autocast():
+                hidden = encode_prompt_pair(featurizer.text_encoder, src_embeds, trg_embeds)
             feats = featurizer.extract_from_latents(latents, hidden, timestep, ensemble, generator)
         yield chunk, feats[: len(chunk)], feats[len(chunk) :]
 
@@ -369,23 +371,15 @@ def run_prompt_evaluation(
 ) -> pd.DataFrame:
     """SD4Match with a learned prompt on one test set: per-image reuse for Single/Class, per pair for CPM."""
     from sd4match.caches import DinoCache
-    from sd4match.features import SDFeaturizer
+    from sd4match.features import load_sd_featurizer
     from sd4match.prompt_learning import load_prompt
 
     pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
     root = read_location(location_path).root
     record = read_model_record(model_record_path)
-    components = load_stable_diffusion(record.local_path, device=device)
-    module, meta = load_prompt(prompt_path, components.text_encoder, components.tokenizer)
+    featurizer = load_sd_featurizer(record.local_path, features, device)
+    module, meta = load_prompt(prompt_path, featurizer.text_encoder, featurizer.tokenizer)
     module = module.to(device).eval()
-    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[features["precision"]]
-    featurizer = SDFeaturizer(
-        components,
-        up_block_index=features["up_block_index"],
-        device=device,
-        autocast_dtype=autocast if device.startswith("cuda") else None,
-        max_batch=features["max_unet_batch"],
-    )
     settings = MatchingSettings(
         image_size=image_size,
         methods=tuple(matching["methods"]),
