@@ -11,12 +11,13 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from sd4match.data_sources import read_location
 from sd4match.datasets import load_image, read_pairs_table
 from sd4match.io import write_table_atomic
-from sd4match.matching import bbox_to_squashed_frame, match_all, to_squashed_frame
+from sd4match.matching import bbox_to_squashed_frame, match_all, match_in_bank, to_squashed_frame
 from sd4match.metrics import PairScore, pck, pck_threshold, per_pair_frame, summarise
 from sd4match.models import read_model_record
 from sd4match.prompts import CategoryPromptEncoder, PromptSource, encode_prompt_pair
@@ -64,7 +65,11 @@ def _pair_keys(row: Any) -> tuple[ImageKey, ImageKey]:
     return ImageKey(row.src_image, flip, row.category), ImageKey(row.trg_image, flip, row.category)
 
 
-def _squashed_targets(row: Any, size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+PairTargets = tuple[torch.Tensor, torch.Tensor, float]
+"""(source keypoints, target keypoints, PCK threshold) of one pair in the S frame (``_squashed_targets``)."""
+
+
+def _squashed_targets(row: Any, size: int) -> PairTargets:
     """Source and target keypoints in the S x S frame and the pair's PCK threshold there."""
     src = to_squashed_frame(
         torch.tensor(row.src_kps, dtype=torch.float32), row.src_width, row.src_height, size
@@ -108,31 +113,41 @@ def score_predictions(
     return _scores(row, trg, threshold, predictions, settings.alphas)
 
 
+def _padded(sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, K_max, 2) source points, zero-padded (the padded predictions are dropped)."""
+    return torch.nn.utils.rnn.pad_sequence(list(sources), batch_first=True)
+
+
+def _per_pair(
+    sources: Sequence[torch.Tensor], batch: dict[str, torch.Tensor]
+) -> list[dict[str, torch.Tensor]]:
+    """Batched (B, K_max, 2) predictions moved to the CPU once and cut into per-pair (K_i, 2) tensors."""
+    on_cpu = {method: pred.cpu() for method, pred in batch.items()}
+    return [{m: pred[i, : len(src)] for m, pred in on_cpu.items()} for i, src in enumerate(sources)]
+
+
 def _predict(
     sources: Sequence[torch.Tensor],
     src_feats: torch.Tensor,
     trg_feats: torch.Tensor,
     settings: MatchingSettings,
 ) -> list[dict[str, torch.Tensor]]:
-    """Every method's predictions for B pairs in one batched call on the features' device -> per pair
-    (K_i, 2) CPU tensors. Keypoints are padded to the largest K (padded predictions dropped)."""
+    """Every method's predictions for B pairs in one batched call on the features' device."""
     if src_feats.ndim != 4 or src_feats.shape != trg_feats.shape or src_feats.shape[0] != len(sources):
         raise ValueError(
             f"predict_pairs: expected {len(sources)} source and target maps (B, C, h, w) of one shape, "
             f"got {tuple(src_feats.shape)} and {tuple(trg_feats.shape)}"
         )
-    padded = torch.nn.utils.rnn.pad_sequence(list(sources), batch_first=True)
     batch = match_all(
         src_feats.float(),
         trg_feats.float(),
-        padded,
+        _padded(sources),
         settings.image_size,
         settings.methods,
         temperature=settings.temperature,
         sigma=settings.kernel_sigma,
     )
-    on_cpu = {method: pred.cpu() for method, pred in batch.items()}
-    return [{m: pred[i, : len(src)] for m, pred in on_cpu.items()} for i, src in enumerate(sources)]
+    return _per_pair(sources, batch)
 
 
 def predict_pairs(
@@ -151,17 +166,27 @@ def predict_pair(
     return predict_pairs([row], src_feat[None], trg_feat[None], settings)[0]
 
 
+def _score_all(
+    rows: Sequence[Any],
+    targets: Sequence[PairTargets],
+    predictions: Sequence[dict[str, torch.Tensor]],
+    settings: MatchingSettings,
+) -> list[PairScore]:
+    """PairScores of B pairs from their ``_squashed_targets`` and per-pair CPU predictions."""
+    return [
+        score
+        for row, (_, trg, threshold), preds in zip(rows, targets, predictions, strict=True)
+        for score in _scores(row, trg, threshold, preds, settings.alphas)
+    ]
+
+
 def score_pairs(
     rows: Sequence[Any], src_feats: torch.Tensor, trg_feats: torch.Tensor, settings: MatchingSettings
 ) -> list[PairScore]:
     """Predict and score B pairs whose (B, C, h, w) features sit on the evaluation device."""
     targets = [_squashed_targets(row, settings.image_size) for row in rows]
     predictions = _predict([src for src, _, _ in targets], src_feats, trg_feats, settings)
-    return [
-        score
-        for row, (_, trg, threshold), preds in zip(rows, targets, predictions, strict=True)
-        for score in _scores(row, trg, threshold, preds, settings.alphas)
-    ]
+    return _score_all(rows, targets, predictions, settings)
 
 
 def score_pair(
@@ -171,10 +196,55 @@ def score_pair(
     return score_pairs([row], src_feat[None], trg_feat[None], settings)
 
 
+def _predict_in_bank(
+    rows: Sequence[Any],
+    bank: torch.Tensor,
+    unit_bank: torch.Tensor,
+    index: dict[ImageKey, int],
+    settings: MatchingSettings,
+) -> tuple[list[PairTargets], list[dict[str, torch.Tensor]]]:
+    """Targets and per-pair CPU predictions of B pairs of one feature bank (``matching.match_in_bank``)."""
+    targets = [_squashed_targets(row, settings.image_size) for row in rows]
+    sources = [src for src, _, _ in targets]
+    batch = match_in_bank(
+        bank,
+        unit_bank,
+        torch.tensor([index[_pair_keys(row)[0]] for row in rows]),
+        torch.tensor([index[_pair_keys(row)[1]] for row in rows]),
+        _padded(sources),
+        settings.image_size,
+        settings.methods,
+        temperature=settings.temperature,
+        sigma=settings.kernel_sigma,
+    )
+    return targets, _per_pair(sources, batch)
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of ``items`` of at most ``size`` elements."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def iter_predictions(
+    pairs: pd.DataFrame,
+    features_for: FeatureFn,
+    settings: MatchingSettings,
+    device: str | torch.device | None = None,
+) -> Iterator[tuple[Sequence[Any], list[PairTargets], list[dict[str, torch.Tensor]]]]:
+    """Yield (rows, targets, predictions) per batch of ``settings.pair_batch`` pairs of one category.
+
+    Features are computed once per distinct image of a category and stay on ``device`` (default: where
+    ``features_for`` put them); each pair's correlation is computed once there, for every method.
+    """
+    for _, group in pairs.groupby("category", sort=False):
+        keys = sorted({k for row in group.itertuples() for k in _pair_keys(row)}, key=str)
+        bank = features_for(keys).float()
+        bank = bank if device is None else bank.to(device)
+        unit_bank = F.normalize(bank, dim=1)  # the target side of every correlation, once per image
+        index = {key: i for i, key in enumerate(keys)}
+        for rows in _chunks(list(group.itertuples()), settings.pair_batch):
+            yield rows, *_predict_in_bank(rows, bank, unit_bank, index, settings)
 
 
 def evaluate_pairs(
@@ -183,23 +253,12 @@ def evaluate_pairs(
     settings: MatchingSettings,
     device: str | torch.device | None = None,
 ) -> pd.DataFrame:
-    """Score every pair; features are computed once per distinct image within a category and reused.
-
-    The features stay on ``device`` (default: where ``features_for`` put them) and ``settings.pair_batch``
-    pairs are matched per call there.
-    """
+    """Score every pair (``iter_predictions``: features once per distinct image, matched on the device)."""
     scores: list[PairScore] = []
     with tqdm(total=len(pairs), desc="pairs", unit="pair") as bar:
-        for _, group in pairs.groupby("category", sort=False):
-            keys = sorted({k for row in group.itertuples() for k in _pair_keys(row)}, key=str)
-            bank = features_for(keys)
-            bank = bank if device is None else bank.to(device)
-            index = {key: i for i, key in enumerate(keys)}
-            for rows in _chunks(list(group.itertuples()), settings.pair_batch):
-                src_idx = torch.tensor([index[_pair_keys(r)[0]] for r in rows], device=bank.device)
-                trg_idx = torch.tensor([index[_pair_keys(r)[1]] for r in rows], device=bank.device)
-                scores.extend(score_pairs(rows, bank[src_idx], bank[trg_idx], settings))
-                bar.update(len(rows))
+        for rows, targets, predictions in iter_predictions(pairs, features_for, settings, device):
+            scores.extend(_score_all(rows, targets, predictions, settings))
+            bar.update(len(rows))
     return per_pair_frame(scores)
 
 

@@ -125,8 +125,49 @@ def correlation(desc: torch.Tensor, trg_feat: torch.Tensor) -> torch.Tensor:
             f"correlation: expected desc (B, K, C) and trg_feat (B, C, h, w), "
             f"got {tuple(desc.shape)} and {tuple(trg_feat.shape)}"
         )
+    return cosine_maps(desc, F.normalize(trg_feat, dim=1))
+
+
+def cosine_maps(desc: torch.Tensor, trg_unit: torch.Tensor) -> torch.Tensor:
+    """``correlation`` with target maps already L2-normalised along channels (normalised once per image)."""
     with ieee_fp32_matmul(desc.device):
-        return torch.einsum("bkc,bchw->bkhw", F.normalize(desc, dim=-1), F.normalize(trg_feat, dim=1))
+        return torch.einsum("bkc,bchw->bkhw", F.normalize(desc, dim=-1), trg_unit)
+
+
+def sample_bank_descriptors(
+    bank: torch.Tensor, index: torch.Tensor, kps_img: torch.Tensor, image_size: int
+) -> torch.Tensor:
+    """``sample_descriptors`` of ``bank[index]`` without copying the maps: ``(N, C, h, w)`` feature bank,
+    ``(B,)`` image index and ``(B, K, 2)`` S-frame points -> L2-normalised ``(B, K, C)``.
+
+    One ``grid_sample`` over the bank, each image sampled at the points of every pair that uses it.
+    """
+    if bank.ndim != 4 or index.ndim != 1 or kps_img.ndim != 3 or kps_img.shape[0] != index.shape[0]:
+        raise ValueError(
+            f"sample_bank_descriptors: expected bank (N, C, h, w), index (B,) and kps (B, K, 2), got "
+            f"{tuple(bank.shape)}, {tuple(index.shape)} and {tuple(kps_img.shape)}"
+        )
+    if image_size < 2:
+        raise ValueError(f"sample_bank_descriptors: image_size must be >= 2, got {image_size}")
+    batch, k = kps_img.shape[:2]
+    slot = torch.zeros(batch, dtype=torch.long)  # rank of each pair among the pairs of its image
+    seen: dict[int, int] = {}
+    for b, image in enumerate(index.tolist()):
+        slot[b] = seen.get(image, 0)
+        seen[image] = int(slot[b]) + 1
+    rows = index.to(bank.device).repeat_interleave(k)
+    cols = (slot[:, None] * k + torch.arange(k)).reshape(-1).to(bank.device)
+    norm = kps_img.to(bank.device, bank.dtype) * (2.0 / (image_size - 1)) - 1.0
+    grid = torch.zeros(
+        bank.shape[0], max(seen.values(), default=0) * k, 2, dtype=bank.dtype, device=bank.device
+    )
+    grid[rows, cols] = norm.reshape(-1, 2)
+    sampled = F.grid_sample(
+        bank, grid[:, :, None, :], mode="bilinear", padding_mode="border", align_corners=True
+    )
+    # (B, C, K) in memory like ``sample_descriptors``' output, so every later op sees the same layout
+    desc = sampled[..., 0][rows, :, cols].reshape(batch, k, -1).transpose(1, 2).contiguous()
+    return F.normalize(desc.transpose(1, 2), dim=-1)
 
 
 @contextlib.contextmanager
@@ -249,6 +290,34 @@ def match_all(
     if h != w:
         raise ValueError(f"match_all: target feature map must be square, got {h}x{w}")
     corr = correlation(sample_descriptors(src_feat, src_kps_img.to(src_feat.device), image_size), trg_feat)
+    grids = localise(corr, methods, temperature=temperature, sigma=sigma)
+    return {method: grid_to_image(grid_xy, w, image_size) for method, grid_xy in grids.items()}
+
+
+def match_in_bank(
+    bank: torch.Tensor,
+    unit_bank: torch.Tensor,
+    src_index: torch.Tensor,
+    trg_index: torch.Tensor,
+    src_kps_img: torch.Tensor,
+    image_size: int,
+    methods: Sequence[str] = MATCHING_METHODS,
+    *,
+    temperature: float = 0.04,
+    sigma: float = 7.0,
+) -> dict[str, torch.Tensor]:
+    """``match_all`` for pairs of images of one ``(N, C, h, w)`` feature bank: pair b matches
+    ``bank[src_index[b]]`` to ``bank[trg_index[b]]``. ``unit_bank`` is ``F.normalize(bank, dim=1)``,
+    computed once per bank; only the target maps are gathered."""
+    _check_methods(methods, "match_in_bank")
+    h, w = bank.shape[-2:]
+    if h != w or unit_bank.shape != bank.shape:
+        raise ValueError(
+            f"match_in_bank: need square maps and unit_bank of the bank's shape, got {tuple(bank.shape)} "
+            f"and {tuple(unit_bank.shape)}"
+        )
+    desc = sample_bank_descriptors(bank, src_index, src_kps_img, image_size)
+    corr = cosine_maps(desc, unit_bank[trg_index.to(bank.device)])
     grids = localise(corr, methods, temperature=temperature, sigma=sigma)
     return {method: grid_to_image(grid_xy, w, image_size) for method, grid_xy in grids.items()}
 

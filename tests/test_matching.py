@@ -212,3 +212,31 @@ def test_ieee_fp32_matmul_restores_the_setting_and_ignores_the_cpu() -> None:
             assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before
+
+
+def test_sample_bank_descriptors_equal_sampling_the_gathered_maps() -> None:
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(5, 7, 6, 6, generator=gen)
+    index = torch.tensor([3, 3, 0, 4, 3])  # image 3 serves three pairs, images 1 and 2 none
+    kps = torch.rand(5, 4, 2, generator=gen) * 80
+    got = matching.sample_bank_descriptors(bank, index, kps, 81)
+    want = matching.sample_descriptors(bank[index], kps, 81)
+    assert got.shape == (5, 4, 7) and got.stride() == want.stride()
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="sample_bank_descriptors"):
+        matching.sample_bank_descriptors(bank, index[:2], kps, 81)
+
+
+def test_match_in_bank_equals_match_all_on_the_gathered_pairs() -> None:
+    gen = torch.Generator().manual_seed(1)
+    bank = torch.randn(4, 6, 5, 5, generator=gen, dtype=torch.float64)
+    src, trg = torch.tensor([0, 2, 2]), torch.tensor([1, 1, 3])
+    kps = torch.rand(3, 4, 2, generator=gen, dtype=torch.float64) * 64
+    unit = torch.nn.functional.normalize(bank, dim=1)
+    got = matching.match_in_bank(bank, unit, src, trg, kps, 65)
+    want = matching.match_all(bank[src], bank[trg], kps, 65)
+    assert list(got) == list(want) == list(matching.MATCHING_METHODS)
+    for method in matching.MATCHING_METHODS:
+        torch.testing.assert_close(got[method], want[method], rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="unit_bank"):
+        matching.match_in_bank(bank, unit[:2], src, trg, kps, 65)

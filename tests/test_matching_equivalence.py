@@ -6,15 +6,14 @@ The reference below is a copy of the per-pair path as it was before the change (
 moved to the CPU as fp32, one correlation per pair *and per method*, scored pair by pair. It is kept here,
 independent of ``sd4match.matching``, so that any later change to the package is compared with it.
 
-Tolerance: ``PRED_ATOL`` = 1e-4 px in the S frame for the soft localisers, exact for nearest neighbour. The
-correlation is a matmul over C channels; batching pairs (and padding their keypoints) may change the
-summation order on another BLAS or on a GPU, hence the last ulp (~1e-7) of a cosine. A soft localiser moves
-by about (spread of the probability mass, ~1 cell) * d / T for a correlation error d, i.e. ~2.5e-6 cells
-(4e-5 px at S = 768) for d = 1e-7 and T = 0.04; nearest neighbour moves only on an exact tie. On this CPU the
-batched path is bit-identical (measured: max difference 0.0 over 200 PF-Willow pairs at C = 1280 and the
-12 SPair pairs). The tests assert that no soft reference prediction lies within ``sqrt(2) * PRED_ATOL`` of a
-PCK threshold, so a difference within the tolerance cannot flip a decision there, and then assert the PCK
-tables equal exactly.
+Tolerance: ``PRED_ATOL`` = 1e-3 px in the S frame for the soft localisers, exact for nearest neighbour.
+The correlation is a matmul over C channels; batching pairs (and padding their keypoints) changes how a
+multi-threaded BLAS (or a GPU) splits the sums, hence the last ulps (~5e-7) of a cosine. A soft localiser
+moves by about (spread of the probability mass, ~1 cell) * d / T for a correlation error d: ~1e-5 cells,
+~2e-4 px at S = 768 (measured on this CPU at C = 1280: 0.0 with one thread, at most 2.4e-4 px with two);
+nearest neighbour moves only on an exact tie. A difference within the tolerance can flip a PCK decision
+only where the distance lies within sqrt(2) * PRED_ATOL of alpha * theta; the tests assert every single
+decision (keypoint x method x alpha) equal, and the per-pair PCK tables equal exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from sd4match.evaluation import (
     ImageKey,
     MatchingSettings,
     evaluate_pairs,
+    iter_predictions,
     predict_pair,
     score_pair,
     sd_text_prompt_features,
@@ -47,7 +47,7 @@ from sd4match.models import load_stable_diffusion
 from sd4match.prompts import TextPrompt
 from sd4match.tiny_models import build_tiny_stable_diffusion
 
-PRED_ATOL = 1e-4  # px in the S frame; see the module docstring
+PRED_ATOL = 1e-3  # px in the S frame; see the module docstring
 ALPHAS = (0.05, 0.1, 0.15)
 REAL_S, REAL_GRID, REAL_C = 768, 48, 96  # the paper's frame and grid; fewer channels than 1280 for speed
 TINY_S = 128
@@ -226,30 +226,46 @@ def _serve(feats: dict[ImageKey, torch.Tensor]):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def assert_margin(pairs: pd.DataFrame, ref_preds: dict, s: MatchingSettings) -> None:
-    """No soft-localiser reference distance lies within sqrt(2) * PRED_ATOL of a threshold alpha * theta."""
-    for row in pairs.itertuples():
-        _, trg, threshold = _ref_targets(row, s.image_size)
-        for method, pred in ref_preds[row.pair_id].items():
-            if method == "nn":
-                continue  # compared exactly
-            dist = np.linalg.norm(pred.double().numpy() - trg.double().numpy(), axis=1)
-            for alpha in s.alphas:
-                margin = np.abs(dist - alpha * threshold).min()
-                assert margin > math.sqrt(2) * PRED_ATOL, (row.pair_id, alpha, margin)
+def _decisions(pred: torch.Tensor, trg: torch.Tensor, threshold: float, alphas) -> np.ndarray:
+    """Per-keypoint PCK decisions (alphas x K booleans), float64 as ``metrics.pck``."""
+    dist = np.linalg.norm(pred.double().numpy() - trg.double().numpy(), axis=1)
+    return np.stack([dist <= a * threshold for a in alphas])
+
+
+def assert_close_predictions(row: Any, got: dict, want: dict, s: MatchingSettings) -> int:
+    """Same methods, nn exact, soft localisers within PRED_ATOL, every PCK decision the same; returns how
+    many soft decisions lie within sqrt(2) * PRED_ATOL of their threshold (the only ones a within-tolerance
+    difference could flip; they are among those asserted equal)."""
+    assert list(got) == list(want) == list(s.methods)
+    _, trg, threshold = _ref_targets(row, s.image_size)
+    near = 0
+    for method in s.methods:
+        atol = 0.0 if method == "nn" else PRED_ATOL
+        torch.testing.assert_close(got[method], want[method], rtol=0, atol=atol)
+        np.testing.assert_array_equal(
+            _decisions(got[method], trg, threshold, s.alphas),
+            _decisions(want[method], trg, threshold, s.alphas),
+        )
+        if method != "nn":
+            dist = np.linalg.norm(want[method].double().numpy() - trg.double().numpy(), axis=1)
+            near += int((np.abs(dist[None] - np.array(s.alphas)[:, None] * threshold) <= 2**0.5 * atol).sum())
+    return near
 
 
 def assert_same_as_reference(pairs: pd.DataFrame, feats: dict, s: MatchingSettings) -> pd.DataFrame:
-    """Today's evaluate_pairs and predict_pair against the reference: close predictions, equal tables."""
+    """The batched evaluation path (``iter_predictions``/``evaluate_pairs``) and the per-pair entry point
+    (``predict_pair``) against the reference: close predictions, equal decisions, equal tables."""
     ref_table, ref_preds = ref_evaluate(pairs, feats, s)
-    assert_margin(pairs, ref_preds, s)
+    seen = 0
+    for rows, _, predictions in iter_predictions(pairs, _serve(feats), s):
+        for row, got in zip(rows, predictions, strict=True):
+            assert_close_predictions(row, got, ref_preds[row.pair_id], s)
+            seen += 1
+    assert seen == len(pairs)
     for row in pairs.itertuples():
         src_key, trg_key = _keys(row)
         got = predict_pair(row, feats[src_key], feats[trg_key], s)
-        assert list(got) == list(s.methods)
-        for method in s.methods:
-            atol = 0.0 if method == "nn" else PRED_ATOL
-            torch.testing.assert_close(got[method].cpu(), ref_preds[row.pair_id][method], rtol=0, atol=atol)
+        assert_close_predictions(row, got, ref_preds[row.pair_id], s)
     table = evaluate_pairs(pairs, _serve(feats), s)
     pd.testing.assert_frame_equal(table, ref_table, check_exact=True)
     return table
@@ -302,13 +318,13 @@ def test_one_correlation_per_pair_whatever_the_batch(shared_data, monkeypatch, p
     pairs = parse_spair(shared_data / "SPair-71k-mini", "test")
     feats = synthetic_features(_all_keys(pairs), 8, 12)
     correlated: list[int] = []
-    original = matching.correlation
+    original = matching.cosine_maps  # the one cosine correlation (``correlation`` calls it too)
 
-    def counting(desc: torch.Tensor, trg_feat: torch.Tensor) -> torch.Tensor:
+    def counting(desc: torch.Tensor, trg_unit: torch.Tensor) -> torch.Tensor:
         correlated.append(desc.shape[0])
-        return original(desc, trg_feat)
+        return original(desc, trg_unit)
 
-    monkeypatch.setattr(matching, "correlation", counting)
+    monkeypatch.setattr(matching, "cosine_maps", counting)
     s = MatchingSettings(REAL_S, MATCHING_METHODS, ALPHAS, pair_batch=pair_batch)
     table = evaluate_pairs(pairs, _serve(feats), s)
     assert sum(correlated) == len(pairs) == 12
