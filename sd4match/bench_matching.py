@@ -135,8 +135,10 @@ def bench_matching(
     pair_batch: int = DEFAULT_PAIR_BATCH,
     methods: Sequence[str] = MATCHING_METHODS,
     device: str = "cpu",
+    repeats: int = 1,
 ) -> BenchResult:
-    """Evaluation pairs/s before (per-pair CPU path) vs after (batched on ``device``), in one run."""
+    """Evaluation pairs/s before (per-pair CPU path) vs after (batched on ``device``), in one run: the
+    median over ``repeats`` interleaved timings of each."""
     image_size = CELLS_PER_GRID_STEP * grid
     pairs = synthetic_pairs(n_images, n_pairs, image_size, kps_range)
     bank = feature_bank(pairs, channels, grid, device)
@@ -146,8 +148,13 @@ def bench_matching(
 
     settings = MatchingSettings(image_size, tuple(methods), (0.05, 0.1, 0.15), pair_batch=pair_batch)
     evaluate_pairs(pairs.head(4), features_for, settings, device=device)  # warm-up (kernels, allocator)
-    after_s, after = _timed(lambda: evaluate_pairs(pairs, features_for, settings, device=device), device)
-    before_s, before = _timed(lambda: per_pair_path(pairs, features_for, settings), device)
+    after_times, before_times = [], []
+    for _ in range(repeats):  # interleaved, so a change of machine load hits both paths alike
+        seconds, after = _timed(lambda: evaluate_pairs(pairs, features_for, settings, device=device), device)
+        after_times.append(seconds)
+        seconds, before = _timed(lambda: per_pair_path(pairs, features_for, settings), device)
+        before_times.append(seconds)
+    after_s, before_s = float(np.median(after_times)), float(np.median(before_times))
     equal = before.equals(after)
     metrics = {
         "before_pairs_per_s": n_pairs / before_s,
@@ -168,6 +175,7 @@ def bench_matching(
         "mean_kps": float(pairs["n_kps"].mean()),
         "pair_batch": pair_batch,
         "methods": list(methods),
+        "repeats": repeats,
     }
     if not equal:
         raise RuntimeError(f"bench_matching: the batched path changed the per-pair table ({settings_out})")
@@ -183,6 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-kps", type=int, default=3)
     parser.add_argument("--max-kps", type=int, default=20)
     parser.add_argument("--pair-batch", type=int, default=DEFAULT_PAIR_BATCH)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved timings per path (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -196,6 +205,7 @@ def from_args(args: argparse.Namespace) -> BenchResult:
         kps_range=(args.min_kps, args.max_kps),
         pair_batch=args.pair_batch,
         device=args.device,
+        repeats=args.repeats,
     )
 
 

@@ -29,7 +29,20 @@ def test_bench_matching_row_has_both_paths_and_equal_tables(capsys, tmp_path):
     out = tmp_path / "bench.jsonl"
     assert (
         bench_matching.main(
-            ["--grid", "6", "--channels", "16", "--images", "6", "--pairs", "12", "--out", str(out)]
+            [
+                "--grid",
+                "6",
+                "--channels",
+                "16",
+                "--images",
+                "6",
+                "--pairs",
+                "12",
+                "--repeats",
+                "2",
+                "--out",
+                str(out),
+            ]
         )
         == 0
     )
