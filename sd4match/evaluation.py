@@ -45,7 +45,7 @@ class MatchingSettings:
     """How predictions are made and scored (protocol.md "Matching at test time" and "Evaluation protocol").
 
     ``pair_batch``: pairs whose correlations are computed in one batched call on the features' device
-    (memory: 2 x pair_batch feature maps); it does not change the results.
+    (memory: pair_batch gathered target maps besides the category's maps); it does not change the results.
     """
 
     image_size: int
@@ -239,8 +239,8 @@ def iter_predictions(
     """
     for _, group in pairs.groupby("category", sort=False):
         keys = sorted({k for row in group.itertuples() for k in _pair_keys(row)}, key=str)
-        bank = features_for(keys).float()
-        bank = bank if device is None else bank.to(device)
+        bank = features_for(keys)
+        bank = (bank if device is None else bank.to(device)).float()
         unit_bank = F.normalize(bank, dim=1)  # the target side of every correlation, once per image
         index = {key: i for i, key in enumerate(keys)}
         for rows in _chunks(list(group.itertuples()), settings.pair_batch):

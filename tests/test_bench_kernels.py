@@ -21,5 +21,5 @@ def test_bench_kernels_rows_cover_the_switches_and_measure_the_deviation(tmp_pat
     deviations = [r["metrics"]["max_abs_dev_from_fp32"] for r in rows]
     assert deviations[0] == 0.0  # the fp32 eager configuration is the reference itself
     assert max(deviations) < 1e-4  # channels_last reorders fp32 sums only
-    assert all(r["metrics"]["images_per_s"] > 0 and r["name"] == "kernels" for r in rows)
+    assert all(r["metrics"]["images_per_s"] > 0 and r["metrics"]["first_call_s"] > 0 for r in rows)
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
