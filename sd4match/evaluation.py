@@ -11,17 +11,20 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from sd4match.data_sources import read_location
 from sd4match.datasets import load_image, read_pairs_table
 from sd4match.io import write_table_atomic
-from sd4match.matching import bbox_to_squashed_frame, match_keypoints, to_squashed_frame
+from sd4match.matching import bbox_to_squashed_frame, match_all, match_in_bank, to_squashed_frame
 from sd4match.metrics import PairScore, pck, pck_threshold, per_pair_frame, summarise
-from sd4match.models import load_stable_diffusion, read_model_record
-from sd4match.prompts import PromptSource, encode_sequence
+from sd4match.models import read_model_record
+from sd4match.prompts import CategoryPromptEncoder, PromptSource, encode_prompt_pair
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PAIR_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,22 @@ FeatureFn = Callable[[Sequence[ImageKey]], torch.Tensor]
 
 @dataclass(frozen=True)
 class MatchingSettings:
-    """How predictions are made and scored (protocol.md "Matching at test time" and "Evaluation protocol")."""
+    """How predictions are made and scored (protocol.md "Matching at test time" and "Evaluation protocol").
+
+    ``pair_batch``: pairs whose correlations are computed in one batched call on the features' device
+    (memory: pair_batch gathered target maps besides the category's maps); it does not change the results.
+    """
 
     image_size: int
     methods: tuple[str, ...]
     alphas: tuple[float, ...]
     kernel_sigma: float = 7.0
     temperature: float = 0.04
+    pair_batch: int = DEFAULT_PAIR_BATCH
+
+    def __post_init__(self) -> None:
+        if self.pair_batch < 1:
+            raise ValueError(f"MatchingSettings.pair_batch must be >= 1, got {self.pair_batch}")
 
 
 def _pair_keys(row: Any) -> tuple[ImageKey, ImageKey]:
@@ -53,7 +65,11 @@ def _pair_keys(row: Any) -> tuple[ImageKey, ImageKey]:
     return ImageKey(row.src_image, flip, row.category), ImageKey(row.trg_image, flip, row.category)
 
 
-def _squashed_targets(row: Any, size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+PairTargets = tuple[torch.Tensor, torch.Tensor, float]
+"""(source keypoints, target keypoints, PCK threshold) of one pair in the S frame (``_squashed_targets``)."""
+
+
+def _squashed_targets(row: Any, size: int) -> PairTargets:
     """Source and target keypoints in the S x S frame and the pair's PCK threshold there."""
     src = to_squashed_frame(
         torch.tensor(row.src_kps, dtype=torch.float32), row.src_width, row.src_height, size
@@ -69,59 +85,180 @@ def _squashed_targets(row: Any, size: int) -> tuple[torch.Tensor, torch.Tensor, 
     return src, trg, pck_threshold(row.threshold_kind, trg_bbox=bbox, trg_kps=trg, image_size=size)
 
 
+def _scores(
+    row: Any,
+    trg: torch.Tensor,
+    threshold: float,
+    predictions: dict[str, torch.Tensor],
+    alphas: Sequence[float],
+) -> list[PairScore]:
+    """PCK counts of one pair's (K, 2) CPU predictions per method and alpha (float64, as ``metrics.pck``)."""
+    scores = []
+    for method, pred in predictions.items():
+        correct = pck(pred, trg, threshold, alphas)
+        scores.extend(
+            PairScore(
+                row.pair_id, row.category, method, alpha, len(trg), int(correct[alpha]), float(threshold)
+            )
+            for alpha in alphas
+        )
+    return scores
+
+
 def score_predictions(
     row: Any, predictions: dict[str, torch.Tensor], settings: MatchingSettings
 ) -> list[PairScore]:
     """PCK of predicted target keypoints (S frame, one (K, 2) tensor per matching method) for one pair."""
     _, trg, threshold = _squashed_targets(row, settings.image_size)
-    scores = []
-    for method, pred in predictions.items():
-        correct = pck(pred, trg, threshold, settings.alphas)
-        scores.extend(
-            PairScore(
-                row.pair_id, row.category, method, alpha, len(trg), int(correct[alpha]), float(threshold)
-            )
-            for alpha in settings.alphas
+    return _scores(row, trg, threshold, predictions, settings.alphas)
+
+
+def _padded(sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, K_max, 2) source points, zero-padded (the padded predictions are dropped)."""
+    return torch.nn.utils.rnn.pad_sequence(list(sources), batch_first=True)
+
+
+def _per_pair(
+    sources: Sequence[torch.Tensor], batch: dict[str, torch.Tensor]
+) -> list[dict[str, torch.Tensor]]:
+    """Batched (B, K_max, 2) predictions moved to the CPU once and cut into per-pair (K_i, 2) tensors."""
+    on_cpu = {method: pred.cpu() for method, pred in batch.items()}
+    return [{m: pred[i, : len(src)] for m, pred in on_cpu.items()} for i, src in enumerate(sources)]
+
+
+def _predict(
+    sources: Sequence[torch.Tensor],
+    src_feats: torch.Tensor,
+    trg_feats: torch.Tensor,
+    settings: MatchingSettings,
+) -> list[dict[str, torch.Tensor]]:
+    """Every method's predictions for B pairs in one batched call on the features' device."""
+    if src_feats.ndim != 4 or src_feats.shape != trg_feats.shape or src_feats.shape[0] != len(sources):
+        raise ValueError(
+            f"predict_pairs: expected {len(sources)} source and target maps (B, C, h, w) of one shape, "
+            f"got {tuple(src_feats.shape)} and {tuple(trg_feats.shape)}"
         )
-    return scores
+    batch = match_all(
+        src_feats.float(),
+        trg_feats.float(),
+        _padded(sources),
+        settings.image_size,
+        settings.methods,
+        temperature=settings.temperature,
+        sigma=settings.kernel_sigma,
+    )
+    return _per_pair(sources, batch)
+
+
+def predict_pairs(
+    rows: Sequence[Any], src_feats: torch.Tensor, trg_feats: torch.Tensor, settings: MatchingSettings
+) -> list[dict[str, torch.Tensor]]:
+    """Predicted target keypoints (S frame) of B pairs for every method: one correlation per pair, all
+    pairs in one call on the features' device, only the predictions moved to the CPU."""
+    sources = [_squashed_targets(row, settings.image_size)[0] for row in rows]
+    return _predict(sources, src_feats, trg_feats, settings)
 
 
 def predict_pair(
     row: Any, src_feat: torch.Tensor, trg_feat: torch.Tensor, settings: MatchingSettings
 ) -> dict[str, torch.Tensor]:
-    """Predicted target keypoints (S frame) of one pair for every matching method."""
-    src, _, _ = _squashed_targets(row, settings.image_size)
-    predictions = {}
-    for method in settings.methods:
-        kwargs: dict[str, float] = {}
-        if method != "nn":
-            kwargs["temperature"] = settings.temperature
-        if method == "kernel_softmax":
-            kwargs["sigma"] = settings.kernel_sigma
-        predictions[method] = match_keypoints(
-            src_feat[None].float(), trg_feat[None].float(), src[None], settings.image_size, method, **kwargs
-        )[0]
-    return predictions
+    """Predicted target keypoints (S frame) of one pair for every matching method (CPU tensors)."""
+    return predict_pairs([row], src_feat[None], trg_feat[None], settings)[0]
+
+
+def _score_all(
+    rows: Sequence[Any],
+    targets: Sequence[PairTargets],
+    predictions: Sequence[dict[str, torch.Tensor]],
+    settings: MatchingSettings,
+) -> list[PairScore]:
+    """PairScores of B pairs from their ``_squashed_targets`` and per-pair CPU predictions."""
+    return [
+        score
+        for row, (_, trg, threshold), preds in zip(rows, targets, predictions, strict=True)
+        for score in _scores(row, trg, threshold, preds, settings.alphas)
+    ]
+
+
+def score_pairs(
+    rows: Sequence[Any], src_feats: torch.Tensor, trg_feats: torch.Tensor, settings: MatchingSettings
+) -> list[PairScore]:
+    """Predict and score B pairs whose (B, C, h, w) features sit on the evaluation device."""
+    targets = [_squashed_targets(row, settings.image_size) for row in rows]
+    predictions = _predict([src for src, _, _ in targets], src_feats, trg_feats, settings)
+    return _score_all(rows, targets, predictions, settings)
 
 
 def score_pair(
     row: Any, src_feat: torch.Tensor, trg_feat: torch.Tensor, settings: MatchingSettings
 ) -> list[PairScore]:
     """Predict the target keypoints of one pair with every matching method and score them."""
-    return score_predictions(row, predict_pair(row, src_feat, trg_feat, settings), settings)
+    return score_pairs([row], src_feat[None], trg_feat[None], settings)
 
 
-def evaluate_pairs(pairs: pd.DataFrame, features_for: FeatureFn, settings: MatchingSettings) -> pd.DataFrame:
-    """Score every pair; features are computed once per distinct image within a category and reused."""
+def _predict_in_bank(
+    rows: Sequence[Any],
+    bank: torch.Tensor,
+    unit_bank: torch.Tensor,
+    index: dict[ImageKey, int],
+    settings: MatchingSettings,
+) -> tuple[list[PairTargets], list[dict[str, torch.Tensor]]]:
+    """Targets and per-pair CPU predictions of B pairs of one feature bank (``matching.match_in_bank``)."""
+    targets = [_squashed_targets(row, settings.image_size) for row in rows]
+    sources = [src for src, _, _ in targets]
+    batch = match_in_bank(
+        bank,
+        unit_bank,
+        torch.tensor([index[_pair_keys(row)[0]] for row in rows]),
+        torch.tensor([index[_pair_keys(row)[1]] for row in rows]),
+        _padded(sources),
+        settings.image_size,
+        settings.methods,
+        temperature=settings.temperature,
+        sigma=settings.kernel_sigma,
+    )
+    return targets, _per_pair(sources, batch)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def iter_predictions(
+    pairs: pd.DataFrame,
+    features_for: FeatureFn,
+    settings: MatchingSettings,
+    device: str | torch.device | None = None,
+) -> Iterator[tuple[Sequence[Any], list[PairTargets], list[dict[str, torch.Tensor]]]]:
+    """Yield (rows, targets, predictions) per batch of ``settings.pair_batch`` pairs of one category.
+
+    Features are computed once per distinct image of a category and stay on ``device`` (default: where
+    ``features_for`` put them); each pair's correlation is computed once there, for every method.
+    """
+    for _, group in pairs.groupby("category", sort=False):
+        keys = sorted({k for row in group.itertuples() for k in _pair_keys(row)}, key=str)
+        bank = features_for(keys)
+        bank = (bank if device is None else bank.to(device)).float()
+        unit_bank = F.normalize(bank, dim=1)  # the target side of every correlation, once per image
+        index = {key: i for i, key in enumerate(keys)}
+        for rows in _chunks(list(group.itertuples()), settings.pair_batch):
+            yield rows, *_predict_in_bank(rows, bank, unit_bank, index, settings)
+
+
+def evaluate_pairs(
+    pairs: pd.DataFrame,
+    features_for: FeatureFn,
+    settings: MatchingSettings,
+    device: str | torch.device | None = None,
+) -> pd.DataFrame:
+    """Score every pair (``iter_predictions``: features once per distinct image, matched on the device)."""
     scores: list[PairScore] = []
     with tqdm(total=len(pairs), desc="pairs", unit="pair") as bar:
-        for _, group in pairs.groupby("category", sort=False):
-            keys = sorted({k for row in group.itertuples() for k in _pair_keys(row)}, key=str)
-            feats = dict(zip(keys, features_for(keys), strict=True))
-            for row in group.itertuples():
-                src_key, trg_key = _pair_keys(row)
-                scores.extend(score_pair(row, feats[src_key], feats[trg_key], settings))
-                bar.update(1)
+        for rows, targets, predictions in iter_predictions(pairs, features_for, settings, device):
+            scores.extend(_score_all(rows, targets, predictions, settings))
+            bar.update(len(rows))
     return per_pair_frame(scores)
 
 
@@ -141,8 +278,10 @@ def sd_text_prompt_features(
 ) -> FeatureFn:
     """A FeatureFn of SD features whose prompt depends only on each image's category.
 
-    Serves text prompts (DIFT) and the per-image learned prompts (SD4Match-Single/Class) alike.
+    Serves text prompts (DIFT) and the per-image learned prompts (SD4Match-Single/Class) alike. Each distinct
+    prompt is encoded once per job (``CategoryPromptEncoder``); features stay on the featurizer's device.
     """
+    conditioning = CategoryPromptEncoder(featurizer.text_encoder, prompt)
 
     def features_for(keys: Sequence[ImageKey]) -> torch.Tensor:
         out = []
@@ -150,11 +289,10 @@ def sd_text_prompt_features(
             image = load_image(root, key.path, flip=key.flip)
             pixels = featurizer.preprocess([image], image_size)
             with torch.no_grad():
-                hidden = encode_sequence(
-                    featurizer.text_encoder, prompt.embeddings([key.category]).to(featurizer.device)
-                )
+                with featurizer.autocast():
+                    hidden = conditioning([key.category])
                 generator = torch.Generator(device="cpu").manual_seed(image_seed(seed, key))
-                out.append(featurizer(pixels, hidden, timestep, ensemble, generator)[0].cpu())
+                out.append(featurizer(pixels, hidden, timestep, ensemble, generator)[0])
         return torch.stack(out)
 
     return features_for
@@ -187,7 +325,7 @@ class _LatentMemo:
         return self.latents[key]
 
 
-def conditional_pair_features(
+def conditional_feature_batches(
     pairs: pd.DataFrame,
     module: Any,
     featurizer: Any,
@@ -198,9 +336,10 @@ def conditional_pair_features(
     ensemble: int,
     seed: int,
     pair_batch: int,
-) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
-    """Yield (row, src_feat, trg_feat) for pairs whose prompt depends on both images (CPM): ``pair_batch``
-    pairs per batched UNet call; VAE latents are computed once per distinct image."""
+) -> Iterator[tuple[list[Any], torch.Tensor, torch.Tensor]]:
+    """Yield (rows, src_feats, trg_feats) for pairs whose prompt depends on both images (CPM): ``pair_batch``
+    pairs per batched UNet call, features (B, C, s, s) on the featurizer's device; VAE latents once per
+    distinct image; a prompt shared by source and target is encoded once."""
     from sd4match.caches import image_key
     from sd4match.prompt_learning import PromptBatch
 
@@ -221,11 +360,32 @@ def conditional_pair_features(
         latents = torch.stack([memo(s) for s, _ in keys] + [memo(t) for _, t in keys])
         generator = torch.Generator(device="cpu").manual_seed(_chunk_seed(seed, [r.pair_id for r in chunk]))
         with torch.no_grad():
-            src_embeds, trg_embeds = module.prompt_pair(batch)
-            hidden = encode_sequence(featurizer.text_encoder, torch.cat([src_embeds, trg_embeds]))
-            feats = featurizer.extract_from_latents(latents, hidden, timestep, ensemble, generator).cpu()
+            src_embeds, trg_embeds = module.prompt_pair(batch)  # fp32 prompt module
+            with featurizer.autocast():
+                hidden = encode_prompt_pair(featurizer.text_encoder, src_embeds, trg_embeds)
+            feats = featurizer.extract_from_latents(latents, hidden, timestep, ensemble, generator)
+        yield chunk, feats[: len(chunk)], feats[len(chunk) :]
+
+
+def conditional_pair_features(
+    pairs: pd.DataFrame,
+    module: Any,
+    featurizer: Any,
+    dino_cache: Any,
+    root: str | Path,
+    image_size: int,
+    timestep: int,
+    ensemble: int,
+    seed: int,
+    pair_batch: int,
+) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+    """Yield (row, src_feat, trg_feat) pair by pair from :func:`conditional_feature_batches`."""
+    batches = conditional_feature_batches(
+        pairs, module, featurizer, dino_cache, root, image_size, timestep, ensemble, seed, pair_batch
+    )
+    for chunk, src_feats, trg_feats in batches:
         for i, row in enumerate(chunk):
-            yield row, feats[i], feats[len(chunk) + i]
+            yield row, src_feats[i], trg_feats[i]
 
 
 def evaluate_pairs_conditional(
@@ -240,13 +400,13 @@ def evaluate_pairs_conditional(
     seed: int,
     pair_batch: int,
 ) -> pd.DataFrame:
-    """Score pairs with per-pair (CPM) features from :func:`conditional_pair_features`."""
-    features = conditional_pair_features(
+    """Score pairs with per-pair (CPM) features; each UNet batch of pairs is matched in one device call."""
+    batches = conditional_feature_batches(
         pairs, module, featurizer, dino_cache, root, settings.image_size, timestep, ensemble, seed, pair_batch
     )
     scores: list[PairScore] = []
-    for row, src_feat, trg_feat in features:
-        scores.extend(score_pair(row, src_feat, trg_feat, settings))
+    for chunk, src_feats, trg_feats in batches:
+        scores.extend(score_pairs(chunk, src_feats, trg_feats, settings))
     return per_pair_frame(scores)
 
 
@@ -318,7 +478,7 @@ def run_prompt_evaluation(
 ) -> pd.DataFrame:
     """SD4Match with a learned prompt on one test set: per-image reuse for Single/Class, per pair for CPM."""
     from sd4match.caches import open_dino_cache
-    from sd4match.features import SDFeaturizer
+    from sd4match.features import load_sd_featurizer
     from sd4match.prompt_learning import load_prompt
 
     if dino_cache_path is not None and dino_record_path is None:
@@ -328,17 +488,9 @@ def run_prompt_evaluation(
     pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
     root = read_location(location_path).root
     record = read_model_record(model_record_path)
-    components = load_stable_diffusion(record.local_path, device=device)
-    module, _ = load_prompt(prompt_path, components.text_encoder, components.tokenizer)
+    featurizer = load_sd_featurizer(record.local_path, features, device)
+    module, _ = load_prompt(prompt_path, featurizer.text_encoder, featurizer.tokenizer)
     module = module.to(device).eval()
-    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[features["precision"]]
-    featurizer = SDFeaturizer(
-        components,
-        up_block_index=features["up_block_index"],
-        device=device,
-        autocast_dtype=autocast if device.startswith("cuda") else None,
-        max_batch=features["max_unet_batch"],
-    )
     settings = MatchingSettings(
         image_size=image_size,
         methods=tuple(matching["methods"]),

@@ -8,7 +8,10 @@ draws and L2-normalised along channels.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,10 +20,115 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor, nn
 
-from sd4match.models import SDComponents
+from sd4match.models import SDComponents, load_stable_diffusion
+
+log = logging.getLogger(__name__)
 
 PIXEL_SCALE = 127.5
 DEFAULT_MAX_BATCH = 8
+PRECISION_DTYPES: dict[str, torch.dtype] = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+}
+SDPA_PROCESSORS = ("AttnProcessor2_0",)
+
+
+def half_precision_device(device: str | torch.device) -> bool:
+    """True where the frozen networks run in the configured half precision: CUDA devices (CPU stays fp32)."""
+    return torch.device(device).type == "cuda"
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """How the frozen networks run (config ``features``): ``precision`` of their weights and autocast on
+    GPU (CPU always fp32), ``compile`` of the UNet blocks the feature needs, ``channels_last`` memory format.
+
+    Prompts and the CPM module are never cast: they stay fp32 (only the text encoder's input is cast).
+    """
+
+    precision: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISION_DTYPES:
+            raise ValueError(
+                f"features.precision must be one of {sorted(PRECISION_DTYPES)}, got {self.precision!r}"
+            )
+
+    @classmethod
+    def from_config(cls, features: Mapping[str, Any]) -> KernelSettings:
+        """From the config's ``features`` block (``compile``/``channels_last`` default to false)."""
+        return cls(
+            precision=features["precision"],
+            compile=bool(features.get("compile", False)),
+            channels_last=bool(features.get("channels_last", False)),
+        )
+
+    def weights_dtype(self, device: str | torch.device) -> torch.dtype:
+        """dtype to load the frozen UNet/VAE/text encoder/ViTs in: the configured one on GPU, else fp32."""
+        return PRECISION_DTYPES[self.precision] if half_precision_device(device) else torch.float32
+
+    def autocast_dtype(self, device: str | torch.device) -> torch.dtype | None:
+        """Autocast dtype around the frozen networks (None: no autocast), half precision on GPU only."""
+        dtype = self.weights_dtype(device)
+        return None if dtype == torch.float32 else dtype
+
+
+def enable_tf32(device: str | torch.device) -> bool:
+    """On CUDA, let fp32 matmuls/convolutions (what stays fp32: the CPM module, an fp32 UNet) use TF32.
+
+    The matching correlation turns it off locally (``matching.ieee_fp32_matmul``). Returns whether it was set.
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    return True
+
+
+def attention_backends(modules: Mapping[str, nn.Module]) -> dict[str, str]:
+    """The attention implementation of each network: diffusers processor class names (UNet, VAE) or the
+    transformers ``attn_implementation`` (CLIP, DINOv2), e.g. ``{"unet": "AttnProcessor2_0"}``."""
+    out = {}
+    for name, module in modules.items():
+        processors = getattr(module, "attn_processors", None)
+        if processors is not None:
+            out[name] = ",".join(sorted({type(p).__name__ for p in processors.values()})) or "none"
+        else:
+            out[name] = str(getattr(module.config, "_attn_implementation", None))
+    return out
+
+
+def uses_sdpa(backends: Mapping[str, str]) -> bool:
+    """True when every network runs PyTorch SDPA (scaled_dot_product_attention: flash/efficient kernels)."""
+    return all(b in SDPA_PROCESSORS or b in ("sdpa", "none") for b in backends.values())
+
+
+def compile_blocks(unet: nn.Module, up_block_index: int, backend: str = "inductor") -> list[str]:
+    """``torch.compile`` each UNet block the feature needs (time embedding, conv_in, down/mid blocks,
+    ``up_blocks[:up_block_index + 1]``) in place; the UNet's own forward and the stop hook stay eager.
+
+    Returns the names of the compiled blocks.
+    """
+    compiled = []
+
+    def wrap(module: nn.Module) -> nn.Module:
+        return torch.compile(module, backend=backend, dynamic=False)
+
+    for name in ("conv_in", "time_embedding", "mid_block"):
+        if getattr(unet, name, None) is not None:
+            setattr(unet, name, wrap(getattr(unet, name)))
+            compiled.append(name)
+    for i in range(len(unet.down_blocks)):
+        unet.down_blocks[i] = wrap(unet.down_blocks[i])
+        compiled.append(f"down_blocks.{i}")
+    for i in range(up_block_index + 1):
+        unet.up_blocks[i] = wrap(unet.up_blocks[i])
+        compiled.append(f"up_blocks.{i}")
+    return compiled
 
 
 class _StopForward(Exception):
@@ -88,6 +196,7 @@ class SDFeaturizer:
         device: str | torch.device = "cpu",
         autocast_dtype: torch.dtype | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        kernels: KernelSettings | None = None,
     ) -> None:
         n_blocks = len(components.unet.up_blocks)
         if not 0 <= up_block_index < n_blocks:
@@ -105,6 +214,14 @@ class SDFeaturizer:
         self.max_batch = max_batch
         self.unet_passes = 0
         self.unet_samples = 0
+        self.channels_last = kernels is not None and kernels.channels_last
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if kernels is not None and kernels.compile:
+            log.info(
+                "torch.compile (%s): %s", kernels.compile_backend, compile_blocks(self.unet, up_block_index)
+            )
 
     @property
     def scaling_factor(self) -> float:
@@ -116,6 +233,14 @@ class SDFeaturizer:
         """Anisotropic resize to S x S and scaling to [-1, 1] (see ``preprocess``)."""
         return preprocess(images, image_size)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context of the frozen networks (fp16/bf16 autocast on GPU), or a no-op."""
+        return self._autocast()
+
+    def _memory_format(self, tensor: Tensor) -> Tensor:
+        """``tensor`` in channels_last when the networks are (a no-op otherwise)."""
+        return tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else tensor
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for the UNet (fp32 weights under fp16/bf16 autocast), or a no-op."""
         if self.autocast_dtype is None:
@@ -125,13 +250,13 @@ class SDFeaturizer:
     @torch.no_grad()
     def latent_distribution(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """VAE posterior (mean, std) of pixels in [-1, 1], each (B, 4, S/8, S/8), unscaled, float32."""
-        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        posterior = self.vae.encode(self._memory_format(pixels.to(self.device, self.vae.dtype))).latent_dist
         return posterior.mean.float(), posterior.std.float()
 
     @torch.no_grad()
     def encode_latents(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One VAE latent sample per image times the scaling factor, (B, 4, S/8, S/8) float32."""
-        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        posterior = self.vae.encode(self._memory_format(pixels.to(self.device, self.vae.dtype))).latent_dist
         return (posterior.sample(generator) * self.scaling_factor).float()
 
     def _check_timestep(self, t: int) -> None:
@@ -150,7 +275,7 @@ class SDFeaturizer:
         """Raw output of ``unet.up_blocks[up_block_index]`` (float32); nothing after the block runs."""
         self._check_timestep(t)
         dtype = self.unet.dtype
-        sample = noisy_latents.to(self.device, dtype)
+        sample = self._memory_format(noisy_latents.to(self.device, dtype))
         context = encoder_hidden_states.to(self.device, dtype)
         timestep = torch.tensor(int(t), device=self.device)
         with stop_after(self.unet.up_blocks[self.up_block_index]) as store:
@@ -224,3 +349,28 @@ class SDFeaturizer:
             raise ValueError(f"SDFeaturizer: pixels must be (B, 3, S, S), got {tuple(pixels.shape)}")
         latents = self.encode_latents(pixels, generator)
         return self.extract_from_latents(latents, encoder_hidden_states, t, ensemble, generator, max_batch)
+
+
+def load_sd_featurizer(
+    local_path: str, features: Mapping[str, Any], device: str | torch.device = "cpu"
+) -> SDFeaturizer:
+    """Frozen SD loaded for feature extraction as the config's ``features`` block says: weights in the
+    configured half precision on GPU (fp32 on CPU), TF32 for what stays fp32, SDPA attention checked and
+    logged, the ``compile`` / ``channels_last`` switches applied."""
+    kernels = KernelSettings.from_config(features)
+    enable_tf32(device)
+    components = load_stable_diffusion(local_path, device=device, dtype=kernels.weights_dtype(device))
+    backends = attention_backends(
+        {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder}
+    )
+    log.info("SD weights %s on %s, attention %s", kernels.weights_dtype(device), device, backends)
+    if not uses_sdpa(backends):
+        log.warning("attention does not use PyTorch SDPA (flash/memory-efficient kernels): %s", backends)
+    return SDFeaturizer(
+        components,
+        up_block_index=features["up_block_index"],
+        device=device,
+        autocast_dtype=kernels.autocast_dtype(device),
+        max_batch=features["max_unet_batch"],
+        kernels=kernels,
+    )

@@ -5,13 +5,17 @@ Frames (docs/ARCHITECTURE.md): points live in the squashed ``S x S`` image frame
 feature grids have ``s`` cells per side and image <-> grid is the align-corners map ``x * (s - 1) / (S - 1)``.
 Grid coordinates are ``(x, y)`` = (column, row) in cell units.
 
-Batching: ``sample_descriptors``, ``correlation`` and ``match_keypoints`` take a batch dimension ``B`` and the
-same number ``K`` of keypoints for every item (no padding mask): callers match one pair at a time or batch
-pairs with equal ``K``. The localisers accept any leading dimensions.
+Batching: ``sample_descriptors``, ``correlation``, ``match_all`` and ``match_keypoints`` take a batch
+dimension ``B`` and the same number ``K`` of keypoints for every item (no padding mask): callers batch pairs
+with equal ``K`` or pad the keypoints and drop the padded predictions. The localisers accept any leading
+dimensions. ``match_all`` computes each pair's correlation once and applies every localiser to it, on the
+features' device.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -121,7 +125,68 @@ def correlation(desc: torch.Tensor, trg_feat: torch.Tensor) -> torch.Tensor:
             f"correlation: expected desc (B, K, C) and trg_feat (B, C, h, w), "
             f"got {tuple(desc.shape)} and {tuple(trg_feat.shape)}"
         )
-    return torch.einsum("bkc,bchw->bkhw", F.normalize(desc, dim=-1), F.normalize(trg_feat, dim=1))
+    return cosine_maps(desc, F.normalize(trg_feat, dim=1))
+
+
+def cosine_maps(desc: torch.Tensor, trg_unit: torch.Tensor) -> torch.Tensor:
+    """``correlation`` with target maps already L2-normalised along channels (normalised once per image)."""
+    with ieee_fp32_matmul(desc.device):
+        return torch.einsum("bkc,bchw->bkhw", F.normalize(desc, dim=-1), trg_unit)
+
+
+def sample_bank_descriptors(
+    bank: torch.Tensor, index: torch.Tensor, kps_img: torch.Tensor, image_size: int
+) -> torch.Tensor:
+    """``sample_descriptors`` of ``bank[index]`` without copying the maps: ``(N, C, h, w)`` feature bank,
+    ``(B,)`` image index and ``(B, K, 2)`` S-frame points -> L2-normalised ``(B, K, C)``.
+
+    One ``grid_sample`` over the bank, each image sampled at the points of every pair that uses it.
+    """
+    if bank.ndim != 4 or index.ndim != 1 or kps_img.ndim != 3 or kps_img.shape[0] != index.shape[0]:
+        raise ValueError(
+            f"sample_bank_descriptors: expected bank (N, C, h, w), index (B,) and kps (B, K, 2), got "
+            f"{tuple(bank.shape)}, {tuple(index.shape)} and {tuple(kps_img.shape)}"
+        )
+    if image_size < 2:
+        raise ValueError(f"sample_bank_descriptors: image_size must be >= 2, got {image_size}")
+    batch, k = kps_img.shape[:2]
+    slot = torch.zeros(batch, dtype=torch.long)  # rank of each pair among the pairs of its image
+    seen: dict[int, int] = {}
+    for b, image in enumerate(index.tolist()):
+        slot[b] = seen.get(image, 0)
+        seen[image] = int(slot[b]) + 1
+    rows = index.to(bank.device).repeat_interleave(k)
+    cols = (slot[:, None] * k + torch.arange(k)).reshape(-1).to(bank.device)
+    norm = kps_img.to(bank.device, bank.dtype) * (2.0 / (image_size - 1)) - 1.0
+    grid = torch.zeros(
+        bank.shape[0], max(seen.values(), default=0) * k, 2, dtype=bank.dtype, device=bank.device
+    )
+    grid[rows, cols] = norm.reshape(-1, 2)
+    sampled = F.grid_sample(
+        bank, grid[:, :, None, :], mode="bilinear", padding_mode="border", align_corners=True
+    )
+    # (B, C, K) in memory like ``sample_descriptors``' output, so every later op sees the same layout
+    desc = sampled[..., 0][rows, :, cols].reshape(batch, k, -1).transpose(1, 2).contiguous()
+    return F.normalize(desc.transpose(1, 2), dim=-1)
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
+    """Full-precision fp32 matmuls on CUDA within the block (TF32 off), restoring the previous setting.
+
+    The evaluation enables TF32 for the networks that stay fp32; the cosine correlation keeps fp32 so that
+    nearest-neighbour ties and the T = 0.04 softmax see the same numbers as on the CPU.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
 
 
 def _grid_coords(corr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,16 +222,104 @@ def soft_argmax(corr: torch.Tensor, temperature: float = 0.04) -> torch.Tensor:
     return torch.stack([(prob * xs).sum(dim=-1), (prob * ys).sum(dim=-1)], dim=-1)
 
 
-def kernel_soft_argmax(corr: torch.Tensor, sigma: float = 7.0, temperature: float = 0.04) -> torch.Tensor:
+def kernel_soft_argmax(
+    corr: torch.Tensor, sigma: float = 7.0, temperature: float = 0.04, peak: torch.Tensor | None = None
+) -> torch.Tensor:
     """Kernel-Softmax (Lee et al., SFNet): multiply each map by a Gaussian (``sigma`` cells) centred on its
-    argmax, then soft-argmax with temperature ``T``; suppresses far-away secondary peaks."""
+    argmax, then soft-argmax with temperature ``T``; suppresses far-away secondary peaks.
+
+    ``peak``: the maps' ``nearest_neighbour`` if already computed (it is recomputed otherwise).
+    """
     if sigma <= 0:
         raise ValueError(f"kernel_soft_argmax: sigma must be > 0, got {sigma}")
-    peak = nearest_neighbour(corr)
+    peak = nearest_neighbour(corr) if peak is None else peak
     xs, ys = _grid_coords(corr)
     sq_dist = (xs - peak[..., :1]) ** 2 + (ys - peak[..., 1:]) ** 2
     gauss = torch.exp(-sq_dist / (2.0 * sigma**2)).reshape(corr.shape)
     return soft_argmax(corr * gauss, temperature)
+
+
+def _check_methods(methods: Sequence[str], caller: str) -> None:
+    """Reject an empty method list and unknown method names."""
+    unknown = [m for m in methods if m not in MATCHING_METHODS]
+    if unknown or not methods:
+        raise ValueError(
+            f"{caller}: unknown method(s) {unknown or list(methods)!r}; expected some of {MATCHING_METHODS}"
+        )
+
+
+def localise(
+    corr: torch.Tensor, methods: Sequence[str], *, temperature: float = 0.04, sigma: float = 7.0
+) -> dict[str, torch.Tensor]:
+    """Grid ``(x, y)`` of every method in ``methods`` from one ``(..., h, w)`` correlation.
+
+    Half-precision maps are promoted to fp32 first (softmax at T = 0.04 needs the range); the argmax is
+    shared by ``nn`` and ``kernel_softmax``.
+    """
+    _check_methods(methods, "localise")
+    if corr.dtype in (torch.float16, torch.bfloat16):
+        corr = corr.float()
+    peak = nearest_neighbour(corr) if {"nn", "kernel_softmax"} & set(methods) else None
+    out: dict[str, torch.Tensor] = {}
+    for method in methods:
+        if method == "nn":
+            out[method] = peak
+        elif method == "soft_argmax":
+            out[method] = soft_argmax(corr, temperature)
+        else:
+            out[method] = kernel_soft_argmax(corr, sigma, temperature, peak=peak)
+    return out
+
+
+def match_all(
+    src_feat: torch.Tensor,
+    trg_feat: torch.Tensor,
+    src_kps_img: torch.Tensor,
+    image_size: int,
+    methods: Sequence[str] = MATCHING_METHODS,
+    *,
+    temperature: float = 0.04,
+    sigma: float = 7.0,
+) -> dict[str, torch.Tensor]:
+    """Predicted target points ``(B, K, 2)`` (S frame) of every method, from one correlation per pair.
+
+    Runs on the features' device; ``src_kps_img`` is moved there. Feature maps must be square.
+    """
+    _check_methods(methods, "match_all")
+    h, w = trg_feat.shape[-2:]
+    if h != w:
+        raise ValueError(f"match_all: target feature map must be square, got {h}x{w}")
+    corr = correlation(sample_descriptors(src_feat, src_kps_img.to(src_feat.device), image_size), trg_feat)
+    grids = localise(corr, methods, temperature=temperature, sigma=sigma)
+    return {method: grid_to_image(grid_xy, w, image_size) for method, grid_xy in grids.items()}
+
+
+def match_in_bank(
+    bank: torch.Tensor,
+    unit_bank: torch.Tensor,
+    src_index: torch.Tensor,
+    trg_index: torch.Tensor,
+    src_kps_img: torch.Tensor,
+    image_size: int,
+    methods: Sequence[str] = MATCHING_METHODS,
+    *,
+    temperature: float = 0.04,
+    sigma: float = 7.0,
+) -> dict[str, torch.Tensor]:
+    """``match_all`` for pairs of images of one ``(N, C, h, w)`` feature bank: pair b matches
+    ``bank[src_index[b]]`` to ``bank[trg_index[b]]``. ``unit_bank`` is ``F.normalize(bank, dim=1)``,
+    computed once per bank; only the target maps are gathered."""
+    _check_methods(methods, "match_in_bank")
+    h, w = bank.shape[-2:]
+    if h != w or unit_bank.shape != bank.shape:
+        raise ValueError(
+            f"match_in_bank: need square maps and unit_bank of the bank's shape, got {tuple(bank.shape)} "
+            f"and {tuple(unit_bank.shape)}"
+        )
+    desc = sample_bank_descriptors(bank, src_index, src_kps_img, image_size)
+    corr = cosine_maps(desc, unit_bank[trg_index.to(bank.device)])
+    grids = localise(corr, methods, temperature=temperature, sigma=sigma)
+    return {method: grid_to_image(grid_xy, w, image_size) for method, grid_xy in grids.items()}
 
 
 def match_keypoints(
@@ -186,16 +339,6 @@ def match_keypoints(
     """
     if method not in MATCHING_METHODS:
         raise ValueError(f"match_keypoints: unknown method {method!r}; expected one of {MATCHING_METHODS}")
-    h, w = trg_feat.shape[-2:]
-    if h != w:
-        raise ValueError(f"match_keypoints: target feature map must be square, got {h}x{w}")
-    corr = correlation(sample_descriptors(src_feat, src_kps_img, image_size), trg_feat)
-    if corr.dtype in (torch.float16, torch.bfloat16):
-        corr = corr.float()  # softmax at T = 0.04 needs more range/precision than half floats give
-    if method == "nn":
-        grid_xy = nearest_neighbour(corr)
-    elif method == "soft_argmax":
-        grid_xy = soft_argmax(corr, temperature)
-    else:
-        grid_xy = kernel_soft_argmax(corr, sigma, temperature)
-    return grid_to_image(grid_xy, w, image_size)
+    return match_all(
+        src_feat, trg_feat, src_kps_img, image_size, (method,), temperature=temperature, sigma=sigma
+    )[method]

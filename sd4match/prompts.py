@@ -151,3 +151,56 @@ class TextPrompt:
     def embeddings(self, categories: list[str]) -> Tensor:
         """Input embeddings (B, 77, D) of the prompt strings for ``categories``."""
         return text_input_embeddings(self.text_encoder, self.tokenizer, self.texts(categories))
+
+
+def encode_prompt_pair(text_encoder: nn.Module, src_embeds: Tensor, trg_embeds: Tensor) -> Tensor:
+    """``encode_sequence`` of ``cat([src, trg])`` (2B, 77, D); when source and target prompts are the same
+    (CPM on a pair, Single, Class) the B prompts are encoded once and repeated."""
+    if src_embeds is trg_embeds or (
+        src_embeds.shape == trg_embeds.shape and torch.equal(src_embeds, trg_embeds)
+    ):
+        hidden = encode_sequence(text_encoder, src_embeds)
+        return torch.cat([hidden, hidden])
+    return encode_sequence(text_encoder, torch.cat([src_embeds, trg_embeds]))
+
+
+class CategoryPromptEncoder:
+    """UNet conditioning of prompts that depend only on the image's category (text templates, Single,
+    Class): each *distinct* prompt goes through the text encoder once and is reused.
+
+    Prompts are compared by content, so Single and an empty text prompt are encoded once per job and Class or
+    "a photo of a {category}" once per category. Each prompt is encoded alone (batch of one), exactly as a
+    per-image call would. Valid while the prompt does not change (one evaluation, one validation pass).
+    """
+
+    def __init__(self, text_encoder: nn.Module, prompt: PromptSource) -> None:
+        self.text_encoder = text_encoder
+        self.prompt = prompt
+        self._by_category: dict[str, Tensor] = {}
+        self._distinct: list[tuple[Tensor, Tensor]] = []
+
+    @property
+    def encoded(self) -> int:
+        """Number of distinct prompts the text encoder has run on."""
+        return len(self._distinct)
+
+    @torch.no_grad()
+    def _encode(self, category: str) -> Tensor:
+        """Conditioning (1, 77, D) of one category: reused when an identical prompt was already encoded."""
+        device = _text_embeddings(self.text_encoder).token_embedding.weight.device
+        embeds = self.prompt.embeddings([category]).to(device)
+        for known, hidden in self._distinct:
+            if known.shape == embeds.shape and torch.equal(known, embeds):
+                return hidden
+        hidden = encode_sequence(self.text_encoder, embeds)
+        self._distinct.append((embeds, hidden))
+        return hidden
+
+    def __call__(self, categories: list[str]) -> Tensor:
+        """Conditioning (B, 77, D) of images with these categories."""
+        if isinstance(categories, str):
+            raise ValueError(f"CategoryPromptEncoder: categories must be a list, got {categories!r}")
+        for category in categories:
+            if category not in self._by_category:
+                self._by_category[category] = self._encode(category)
+        return torch.cat([self._by_category[c] for c in categories])

@@ -43,27 +43,23 @@ def matching_settings(matching: dict[str, Any], alphas: list[float], image_size:
 
 
 def _sd_features(method, records, root, image_size, features, seed, device):
-    from sd4match.features import SDFeaturizer
+    from sd4match.features import load_sd_featurizer
 
-    components = load_stable_diffusion(read_model_record(records["model"]).local_path, device=device)
-    featurizer = SDFeaturizer(
-        components,
-        up_block_index=features["up_block_index"],
-        device=device,
-        autocast_dtype=AUTOCAST[features["precision"]] if device.startswith("cuda") else None,
-        max_batch=features["max_unet_batch"],
-    )
-    prompt = TextPrompt(method["prompt"], components.text_encoder, components.tokenizer)
+    featurizer = load_sd_featurizer(read_model_record(records["model"]).local_path, features, device)
+    prompt = TextPrompt(method["prompt"], featurizer.text_encoder, featurizer.tokenizer)
     return sd_text_prompt_features(
         featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed
     )
 
 
-def _vit_features(method, records, root, device):
+def _vit_features(method, records, root, features, device):
     from sd4match.baselines import vit_feature_fn
+    from sd4match.features import KernelSettings, enable_tf32
 
     loader = {"dino": load_dino, "dinov2": load_dinov2}[method["family"]]
-    model, _ = loader(read_model_record(records["model"]).local_path, device=device)
+    dtype = KernelSettings.from_config(features).weights_dtype(device)
+    enable_tf32(device)
+    model, _ = loader(read_model_record(records["model"]).local_path, device=device, dtype=dtype)
     return vit_feature_fn(model, root, method["image_size"], device=device)
 
 
@@ -129,9 +125,10 @@ def run_zero_shot(
     log.info("zero-shot %s on %s: %d pairs", method, pairs_path, len(pairs))
     if method["kind"] == "sd":
         feature_fn = _sd_features(method, records, root, image_size, features, seed, device)
-        per_pair = evaluate_pairs(pairs, feature_fn, settings)
+        per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
     elif method["kind"] == "vit":
-        per_pair = evaluate_pairs(pairs, _vit_features(method, records, root, device), settings)
+        feature_fn = _vit_features(method, records, root, features, device)
+        per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
     elif method["kind"] == "sd_dino":
         from sd4match.baselines import evaluate_sd_dino
 

@@ -155,3 +155,88 @@ def test_match_keypoints_rejects_unknown_method() -> None:
     feat = _one_hot_positions(3)
     with pytest.raises(ValueError, match="'argmax'"):
         matching.match_keypoints(feat, feat, torch.zeros(1, 1, 2, dtype=torch.float64), 33, "argmax")
+
+
+def test_localise_gives_every_method_from_one_map() -> None:
+    corr = _symmetric_peak(7, 9, 3, 2)[None, None]
+    out = matching.localise(corr, ("kernel_softmax", "nn", "soft_argmax"), temperature=0.04, sigma=7.0)
+    assert list(out) == ["kernel_softmax", "nn", "soft_argmax"]
+    assert torch.equal(out["nn"], torch.tensor([[[3.0, 2.0]]], dtype=torch.float64))
+    assert torch.equal(out["soft_argmax"], matching.soft_argmax(corr, 0.04))
+    assert torch.equal(out["kernel_softmax"], matching.kernel_soft_argmax(corr, 7.0, 0.04))
+    with pytest.raises(ValueError, match="'argmax'"):
+        matching.localise(corr, ("nn", "argmax"))
+    with pytest.raises(ValueError, match="unknown method"):
+        matching.localise(corr, ())
+
+
+def test_localise_promotes_half_maps_to_fp32() -> None:
+    corr = torch.zeros(1, 5, 5, dtype=torch.float16)
+    corr[0, 1, 3] = 1.0
+    out = matching.localise(corr, ("nn", "soft_argmax"))
+    assert out["nn"].dtype == out["soft_argmax"].dtype == torch.float32
+    # e^(1/0.04) = e^25 dwarfs the 24 cells at 0: the soft-argmax sits on (3, 1) to ~1e-9
+    torch.testing.assert_close(out["soft_argmax"], torch.tensor([[3.0, 1.0]]), rtol=0, atol=1e-6)
+
+
+def test_kernel_soft_argmax_with_given_peak_equals_recomputed_peak() -> None:
+    corr = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    peak = matching.nearest_neighbour(corr)
+    assert torch.equal(
+        matching.kernel_soft_argmax(corr, 2.0, 0.1, peak=peak), matching.kernel_soft_argmax(corr, 2.0, 0.1)
+    )
+
+
+def test_match_all_equals_match_keypoints_per_method() -> None:
+    gen = torch.Generator().manual_seed(0)
+    src, trg = torch.randn(2, 2, 6, 5, 5, generator=gen, dtype=torch.float64)
+    kps = torch.rand(2, 4, 2, generator=gen, dtype=torch.float64) * 64
+    out = matching.match_all(src, trg, kps, 65)
+    assert list(out) == list(matching.MATCHING_METHODS)
+    for method in matching.MATCHING_METHODS:
+        assert out[method].shape == (2, 4, 2)
+        assert torch.equal(out[method], matching.match_keypoints(src, trg, kps, 65, method))
+    with pytest.raises(ValueError, match="square"):
+        matching.match_all(src, trg[..., :4], kps, 65)
+
+
+def test_ieee_fp32_matmul_restores_the_setting_and_ignores_the_cpu() -> None:
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        with matching.ieee_fp32_matmul(torch.device("cuda")):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+        with matching.ieee_fp32_matmul(torch.device("cpu")):
+            assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_sample_bank_descriptors_equal_sampling_the_gathered_maps() -> None:
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(5, 7, 6, 6, generator=gen)
+    index = torch.tensor([3, 3, 0, 4, 3])  # image 3 serves three pairs, images 1 and 2 none
+    kps = torch.rand(5, 4, 2, generator=gen) * 80
+    got = matching.sample_bank_descriptors(bank, index, kps, 81)
+    want = matching.sample_descriptors(bank[index], kps, 81)
+    assert got.shape == (5, 4, 7) and got.stride() == want.stride()
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="sample_bank_descriptors"):
+        matching.sample_bank_descriptors(bank, index[:2], kps, 81)
+
+
+def test_match_in_bank_equals_match_all_on_the_gathered_pairs() -> None:
+    gen = torch.Generator().manual_seed(1)
+    bank = torch.randn(4, 6, 5, 5, generator=gen, dtype=torch.float64)
+    src, trg = torch.tensor([0, 2, 2]), torch.tensor([1, 1, 3])
+    kps = torch.rand(3, 4, 2, generator=gen, dtype=torch.float64) * 64
+    unit = torch.nn.functional.normalize(bank, dim=1)
+    got = matching.match_in_bank(bank, unit, src, trg, kps, 65)
+    want = matching.match_all(bank[src], bank[trg], kps, 65)
+    assert list(got) == list(want) == list(matching.MATCHING_METHODS)
+    for method in matching.MATCHING_METHODS:
+        torch.testing.assert_close(got[method], want[method], rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="unit_bank"):
+        matching.match_in_bank(bank, unit[:2], src, trg, kps, 65)
