@@ -857,6 +857,6 @@ def evaluate_sd_dino(
             for row in rows:
                 src_key, trg_key = _row_keys(row)
                 src_feat, trg_feat = featurizer.pair_from_parts(parts[src_key], parts[trg_key])
-                by_row[row.Index] = score_pair(row, src_feat.cpu(), trg_feat.cpu(), settings)
+                by_row[row.Index] = score_pair(row, src_feat, trg_feat, settings)  # matched on the device
                 bar.update(1)
     return per_pair_frame([score for index in sorted(by_row) for score in by_row[index]])

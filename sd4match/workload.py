@@ -242,21 +242,35 @@ class CodePaths:
 
     ``sd_dino_per_image``: SD+DINO runs its networks once per distinct image (True since this change; False
     is the per-pair path before it). ``eval_vae_cache``: evaluations read test latents from a cache instead of
-    running the VAE. ``text_dedup``: distinct prompts are encoded once per job (per category / per pair).
-    ``matching_on_device``: pairs are scored on the GPU, leaving no per-pair CPU work.
+    running the VAE. ``text_dedup``: distinct prompts are encoded once per evaluation job (per category / per
+    pair). ``matching_on_device``: evaluation pairs are scored on the GPU, leaving no per-pair CPU work.
+    ``train_text_dedup`` / ``train_matching_on_device``: the same inside training (micro-batches, validation).
     """
 
     sd_dino_per_image: bool = True
     eval_vae_cache: bool = False
-    text_dedup: bool = False
-    matching_on_device: bool = False
+    text_dedup: bool = True
+    matching_on_device: bool = True
+    train_text_dedup: bool = False
+    train_matching_on_device: bool = False
 
 
 CODE_PRESETS = {
-    "before": CodePaths(sd_dino_per_image=False),
+    "before": CodePaths(
+        sd_dino_per_image=False,
+        text_dedup=False,
+        matching_on_device=False,
+        train_text_dedup=False,
+        train_matching_on_device=False,
+    ),
     "current": CodePaths(),
     "issue9": CodePaths(
-        sd_dino_per_image=True, eval_vae_cache=True, text_dedup=True, matching_on_device=True
+        sd_dino_per_image=True,
+        eval_vae_cache=True,
+        text_dedup=True,
+        matching_on_device=True,
+        train_text_dedup=True,
+        train_matching_on_device=True,
     ),
 }
 
@@ -311,9 +325,18 @@ class Context:
     def test_counts(self, dataset: str) -> SplitCounts:
         return self.counts.split(dataset, "test", self.config["evaluation"]["max_pairs"])
 
-    def score(self, work: JobWork, pairs: int, channels: int, grid: int, methods: tuple[str, ...]) -> None:
-        """Per-pair scoring: CPU seconds today; nothing on the CPU once matching runs on the device."""
-        if not self.code.matching_on_device:
+    def score(
+        self,
+        work: JobWork,
+        pairs: int,
+        channels: int,
+        grid: int,
+        methods: tuple[str, ...],
+        on_device: bool | None = None,
+    ) -> None:
+        """Per-pair scoring: CPU seconds on the CPU path; nothing on the CPU once matching runs on the device
+        (``on_device``: default the evaluation's code path)."""
+        if not (self.code.matching_on_device if on_device is None else on_device):
             work.cpu("score pairs", pairs, self.cpu.score_pair_s(channels, grid, methods))
 
 
@@ -442,7 +465,7 @@ def train_work(job: DagJob, ctx: Context) -> JobWork:
     trainset = job.wildcards["trainset"]
     pairs = settings.per_device_batch
     chunks = settings.steps * settings.batch_size // pairs
-    prompts = distinct_prompts(settings.variant, cpm, pairs) if ctx.code.text_dedup else 2 * pairs
+    prompts = distinct_prompts(settings.variant, cpm, pairs) if ctx.code.train_text_dedup else 2 * pairs
     chunk_flops = meter.train_chunk(arch, size, settings.variant, cpm, pairs, prompts)
     work.gpu("train micro-batches", chunks, chunk_flops)
     work.passes["unet"] = 2 * pairs * chunks  # forward and backward of each image
@@ -451,17 +474,19 @@ def train_work(job: DagJob, ctx: Context) -> JobWork:
     n_val = validations(settings.steps, settings.validation_interval(n_trn))
     val = ctx.counts.split(trainset, "val", settings.val_max_pairs)
     if settings.variant == "cpm":
-        prompts = distinct_prompts("cpm", cpm, val.pairs) if ctx.code.text_dedup else 2 * val.pairs
+        prompts = distinct_prompts("cpm", cpm, val.pairs) if ctx.code.train_text_dedup else 2 * val.pairs
         work.gpu("unet", n_val * 2 * val.pairs, meter.unet_truncated(arch, size))
         work.gpu("text", n_val * prompts, meter.text(arch))
         work.gpu("cpm prompt", n_val * val.pairs, meter.cpm_prompt(arch, cpm))
     else:
         prompts = (
-            distinct_prompts(settings.variant, cpm, val.categories) if ctx.code.text_dedup else val.images
+            distinct_prompts(settings.variant, cpm, val.categories)
+            if ctx.code.train_text_dedup
+            else val.images
         )
         work.gpu("unet", n_val * val.images, meter.unet_truncated(arch, size))
         work.gpu("text", n_val * prompts, meter.text(arch))
-    ctx.score(work, n_val * val.pairs, 1280, size // 16, VAL_METHOD)
+    ctx.score(work, n_val * val.pairs, 1280, size // 16, VAL_METHOD, ctx.code.train_matching_on_device)
     return work
 
 

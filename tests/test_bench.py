@@ -184,7 +184,8 @@ def test_sd_dino_passes_per_spair_job_before_and_after(paper_dag):
         "co-PCA": 12_234,
     }
     assert after.passes == {"unet": 481, "vae": 481, "clip": 481, "dinov2": 481, "co-PCA": 12_234}
-    assert after.cpu_s == {"load images": 481 * 0.25, "score pairs": 12_234 * 0.5}
+    assert before.cpu_s == {"load images": 24_468 * 0.25, "score pairs": 12_234 * 0.5}
+    assert after.cpu_s == {"load images": 481 * 0.25}  # pairs are matched on the device
 
 
 def test_evaluation_and_training_work_of_the_paper(paper_dag):
@@ -192,9 +193,10 @@ def test_evaluation_and_training_work_of_the_paper(paper_dag):
     ctx = _context(config)
     by_label = {j.label: j for j in jobs}
     single = W.job_work(by_label["evaluate_prompt[dataset=spair,seed=0,trainset=spair,variant=single]"], ctx)
-    assert single.passes == {"unet": 481 * 8, "vae": 481, "text": 481}
+    assert single.passes == {"unet": 481 * 8, "vae": 481, "text": 1}  # one Single prompt, encoded once
     cpm = W.job_work(by_label["evaluate_prompt[dataset=spair,seed=0,trainset=spair,variant=cpm]"], ctx)
-    assert cpm.passes == {"unet": 12_234 * 2 * 8, "vae": 481, "text": 2 * 12_234, "cpm prompt": 12_234}
+    # the pair's one CPM prompt conditions both images: encoded once per pair
+    assert cpm.passes == {"unet": 12_234 * 2 * 8, "vae": 481, "text": 12_234, "cpm prompt": 12_234}
     train = W.job_work(by_label["train_prompt[seed=0,trainset=spair,variant=single]"], ctx)
     # 30,000 steps x 3 micro-batches of 3 pairs; validation every ceil(53,340 / 9) = 5,927 steps: 5 + the last
     assert train.passes["train micro-batches"] == 90_000
@@ -218,7 +220,11 @@ def test_projection_totals_at_the_stated_mfu(paper_dag):
     )
     assert result.total_flops == 100  # 100 images through DINOv2 at 1 FLOP each
     assert result.total_gpu_hours == pytest.approx(100 / (0.5 * 2.0) / 3600)
-    assert result.total_cpu_hours == pytest.approx((100 * 0.25 + 900 * 0.5) / 3600)
+    assert result.total_cpu_hours == pytest.approx(100 * 0.25 / 3600)  # pairs matched on the device
+    before = P.project(
+        config, vit, W.DatasetCounts(None), FREE_CPU, meter=UnitMeter(), code=W.CODE_PRESETS["before"]
+    )
+    assert before.total_cpu_hours == pytest.approx((100 * 0.25 + 900 * 0.5) / 3600)
     assert result.cpu_fraction == pytest.approx(result.total_cpu_hours / result.total_gpu_hours)
     assert "| evaluate_zero_shot | 1 |" in P.markdown(result)
     with pytest.raises(ValueError, match="mfu must be in"):

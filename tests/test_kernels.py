@@ -31,7 +31,14 @@ from sd4match.features import (
     uses_sdpa,
 )
 from sd4match.fetch import extract
-from sd4match.models import ModelSpec, load_dinov2, load_stable_diffusion, resolve_model, write_model_record
+from sd4match.models import (
+    ModelSpec,
+    load_dinov2,
+    load_stable_diffusion,
+    read_model_record,
+    resolve_model,
+    write_model_record,
+)
 from sd4match.prompt_learning import CPMConfig, build_prompt_module, load_prompt, save_prompt
 from sd4match.prompts import encode_text
 from sd4match.tiny_models import build_tiny_dinov2, build_tiny_stable_diffusion
@@ -156,13 +163,22 @@ def _evaluation_args(world: dict[str, Path], tmp_path: Path, features: dict[str,
     )
 
 
+def _record_summary(record_path: Path) -> dict[str, str]:
+    """The models a prompt records in its sidecar, as training writes them (evaluation checks them)."""
+    record = read_model_record(record_path)
+    return {"id": record.id, "revision": record.revision_resolved}
+
+
 @pytest.mark.parametrize("variant", ["single", "cpm"])
 def test_prompt_evaluation_runs_in_half_precision(world, simulated_gpu, tmp_path, variant):
     c = load_stable_diffusion(world["sd"])
     prompt = tmp_path / f"{variant}.safetensors"
     cpm = TINY_CPM if variant == "cpm" else None
-    save_prompt(build_prompt_module(variant, c.text_encoder, c.tokenizer, cpm=cpm), prompt, {})
     dino = world["base"] / "dino.safetensors" if variant == "cpm" else None
+    models = {"sd_model": _record_summary(world["base"] / "sd21.json")}
+    if dino:
+        models["dinov2_model"] = _record_summary(world["base"] / "dinov2.json")
+    save_prompt(build_prompt_module(variant, c.text_encoder, c.tokenizer, cpm=cpm), prompt, models)
     summary = run_prompt_evaluation(
         prompt_path=prompt,
         dino_cache_path=dino,
