@@ -8,17 +8,20 @@ rule evaluate_prompt:
         per_pair=f"{OUT}/sd4match/{{trainset}}/{{variant}}/{{dataset}}/per_pair.csv",
         summary=sd4match_summary("{trainset}", "{variant}", "{dataset}"),
     log:
-        "logs/sd4match/{trainset}_{variant}_{dataset}.log",
+        log_path("sd4match/{trainset}_{variant}_{dataset}.log"),
     benchmark:
-        "benchmarks/sd4match/{trainset}_{variant}_{dataset}.tsv"
+        bench_path("sd4match/{trainset}_{variant}_{dataset}.tsv")
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["evaluate"],
+        mem_mb=32000,
+        runtime=240,
     params:
         evaluation=SD4["evaluation"],
         features=config["features"],
-        matching=config["matching"],
+        matching=EVAL_MATCHING,
         alphas=config["evaluation"]["alphas"],
         max_pairs=config["evaluation"]["max_pairs"],
         image_size=config["image_size"],
@@ -34,17 +37,20 @@ rule evaluate_prompt_timestep:
         per_pair=f"{OUT}/timesteps/{{trainset}}/{{variant}}/{{dataset}}_t{{t}}/per_pair.csv",
         summary=f"{OUT}/timesteps/{{trainset}}/{{variant}}/{{dataset}}_t{{t}}/summary.csv",
     log:
-        "logs/sd4match/{trainset}_{variant}_{dataset}_t{t}.log",
+        log_path("sd4match/{trainset}_{variant}_{dataset}_t{t}.log"),
     benchmark:
-        "benchmarks/sd4match/{trainset}_{variant}_{dataset}_t{t}.tsv"
+        bench_path("sd4match/{trainset}_{variant}_{dataset}_t{t}.tsv")
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["evaluate"],
+        mem_mb=32000,
+        runtime=240,
     params:
         evaluation=lambda wc: SD4["evaluation"] | {"timestep": int(wc.t)},
         features=config["features"],
-        matching=config["matching"],
+        matching=EVAL_MATCHING,
         alphas=config["evaluation"]["alphas"],
         max_pairs=config["evaluation"]["max_pairs"],
         image_size=config["image_size"],

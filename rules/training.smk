@@ -8,21 +8,20 @@ rule train_prompt:
         prompt=prompt_file("{trainset}", "{variant}"),
         curve=f"{OUT}/prompts/{{trainset}}/{{variant}}/loss_curve.csv",
     log:
-        "logs/train/{trainset}_{variant}.log",
+        log_path("train/{trainset}_{variant}.log"),
     benchmark:
-        "benchmarks/train/{trainset}_{variant}.tsv"
+        bench_path("train/{trainset}_{variant}.tsv")
     conda:
         CONDA_ENV
+    threads: 8
     resources:
         gpu=config["gpu"]["train"],
+        mem_mb=64000,
+        runtime=2880,  # 30k steps; ~22 GB GPU memory at 3 pairs per GPU (authors' setup)
     params:
         settings=train_settings,
         cpm=cpm_options,
-        metadata=lambda wc: {
-            "config_hash": CONFIG_HASH,
-            "variant_name": wc.variant,
-            "demo": DEMO,
-        },
+        metadata=lambda wc: {"variant_name": wc.variant, "demo": DEMO},
         out_dir=lambda wc: f"{OUT}/prompts/{wc.trainset}/{wc.variant}/checkpoints",
     script:
         "../workflow_scripts/train_prompt.py"

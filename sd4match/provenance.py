@@ -12,6 +12,16 @@ from sd4match.config import config_hash
 from sd4match.models import read_model_record
 
 
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted (recursively): Snakemake compares params by their text, so
+    reordering keys in a YAML file must not look like a changed setting."""
+    if isinstance(value, Mapping):
+        return {key: canonical(value[key]) for key in sorted(value, key=str)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    return value
+
+
 def config_subset(config: Mapping[str, Any], paths: Iterable[str]) -> dict[str, Any]:
     """The values at dotted ``paths`` (e.g. ``"figures.generation"``) of ``config``, keyed by path.
 
