@@ -487,16 +487,16 @@ def _inline_html(text: str) -> str:
 
 
 HTML_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border: 1px solid #bbb; padding: 0.25em 0.5em; text-align: right; }
-th { background: #eee; }
-td.label { text-align: left; white-space: nowrap; }
-tr.ours { background: #eef6ff; }
-tr.delta { color: #555; font-style: italic; }
-tr.quoted { color: #666; }
-.demo { color: #b00; font-weight: bold; }
-""".strip()
+.sd4match-table { font-family: system-ui, sans-serif; color: #222; }
+.sd4match-table table { border-collapse: collapse; font-size: 0.9em; }
+.sd4match-table th, .sd4match-table td { border: 1px solid #bbb; padding: 0.25em 0.5em; text-align: right; }
+.sd4match-table th { background: #eee; }
+.sd4match-table td.label { text-align: left; white-space: nowrap; }
+.sd4match-table tr.ours { background: #eef6ff; }
+.sd4match-table tr.delta { color: #555; font-style: italic; }
+.sd4match-table tr.quoted { color: #666; }
+.sd4match-table .demo { color: #b00; font-weight: bold; }
+""".strip()  # scoped: the report's front page embeds these pages
 
 
 def html_table_body(df: pd.DataFrame) -> str:
@@ -541,11 +541,12 @@ def html_document(df: pd.DataFrame, title: str, prov: Provenance) -> str:
     """A table as a standalone HTML page (title, provenance, the table, notes and legend) for the report."""
     notes = "".join(f"<p>{_inline_html(note).replace(chr(10), '<br>')}</p>" for note in markdown_notes(df))
     legend = "".join(f"<p>{_inline_html(part)}</p>" for part in LEGEND.split("\n\n"))
+    # html/head/body are optional in HTML5: without them the page is also a fragment the report embeds
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{HTML_STYLE}</style></head><body>\n"
+        f'<!DOCTYPE html>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+        f"<style>{HTML_STYLE}</style>\n"
         f'<div class="sd4match-table"><h2>{html.escape(title)}</h2>\n{provenance_html(prov)}\n'
-        f"{html_table_body(df)}\n{notes}{legend}</div>\n</body></html>\n"
+        f"{html_table_body(df)}\n{notes}{legend}</div>\n"
     )
 
 
