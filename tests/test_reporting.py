@@ -889,7 +889,7 @@ def test_caption_states_protocol_models_and_hashes(tmp_path: Path) -> None:
     )
     from docutils.core import publish_parts
 
-    html_caption = publish_parts((tmp_path / "c.rst").read_text(), writer_name="html")["body"]
+    html_caption = publish_parts((tmp_path / "c.rst").read_text(), writer="html")["body"]
     assert "<strong>DEMO RUN</strong>" in html_caption and "system-message" not in html_caption
 
 
