@@ -10,13 +10,16 @@ rule latent_cache:
         cache=latent_cache("{dataset}"),
         sidecar=latent_cache("{dataset}") + ".json",
     log:
-        "logs/cache/latents_{dataset}.log",
+        log_path("cache/latents_{dataset}.log"),
     benchmark:
-        "benchmarks/cache/latents_{dataset}.tsv"
+        bench_path("cache/latents_{dataset}.tsv")
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["cache"],
+        mem_mb=32000,
+        runtime=120,
     params:
         image_size=config["image_size"],
     script:
@@ -36,12 +39,15 @@ rule dino_cache:
         cache=dino_cache("{dataset}", "{part}"),
         sidecar=dino_cache("{dataset}", "{part}") + ".json",
     log:
-        "logs/cache/dinov2_{dataset}_{part}.log",
+        log_path("cache/dinov2_{dataset}_{part}.log"),
     benchmark:
-        "benchmarks/cache/dinov2_{dataset}_{part}.tsv"
+        bench_path("cache/dinov2_{dataset}_{part}.tsv")
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["cache"],
+        mem_mb=32000,
+        runtime=120,
     script:
         "../workflow_scripts/dino_cache.py"

@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-from sd4match.config import config_hash, is_demo, method_config, validate_config
+from sd4match.config import is_demo, method_config, validate_config
 from sd4match.config_checks import train_settings_data
+from sd4match.provenance import canonical, subset_hash
 from sd4match.seeds import (
     check_seeds,
     coerce_seed_lists,
@@ -13,16 +14,20 @@ from sd4match.seeds import (
 )
 
 CONFIG_SOURCE = "the workflow configuration (config.yaml + overlays)"
-config = validate_config(coerce_seed_lists(config), source=CONFIG_SOURCE)
+# Keys sorted: params compare as text, so reordering a YAML file must not rerun anything.
+config = canonical(validate_config(coerce_seed_lists(config), source=CONFIG_SOURCE))
 check_seeds(config, source=CONFIG_SOURCE)
 
 RES = config["resources_dir"]
 OUT = config["results_dir"]
 DEMO = is_demo(config)
-CONFIG_HASH = config_hash(config)
+# logs/<run>/ and benchmarks/<run>/: the demo and the paper run never share a log or benchmark file
+RUN = config["run_label"]
 DATASETS = ["spair", "pfpascal", "pfwillow"]
 TEST_DATASETS = config["evaluation"]["test_datasets"]
 CONDA_ENV = "../envs/sd4match.yaml"
+# Hub commits resolved by the first run; later runs and colleagues resolve these (see rules/models.smk).
+MODEL_LOCK = "models.lock.yaml"
 
 
 SD4 = config["sd4match"]
@@ -32,6 +37,9 @@ FIG3A = config["fig3a"]
 FIG3B = config["fig3b"]
 FIGS = config["figures"]
 CAPTIONER = config["implicit_captioner"]
+# What an evaluation computes: every matching method. `reported` only picks the tables' column, so editing it
+# reruns the tables, never the evaluations.
+EVAL_MATCHING = {k: v for k, v in config["matching"].items() if k != "reported"}
 
 
 wildcard_constraints:
@@ -76,6 +84,16 @@ def model_source(wildcards):
     """A model folder the workflow builds itself (the demo world's tiny models), else nothing."""
     model_id = config["models"][wildcards.model]["id"]
     return [model_id] if model_id == tiny_model_dir(wildcards.model) else []
+
+
+def log_path(name):
+    """A log file of this run: ``logs/<run_label>/<name>``."""
+    return f"logs/{RUN}/{name}"
+
+
+def bench_path(name):
+    """A benchmark file of this run: ``benchmarks/<run_label>/<name>``."""
+    return f"benchmarks/{RUN}/{name}"
 
 
 def fetch_record(dataset):
@@ -248,6 +266,12 @@ def zero_shot_inputs(wildcards):
     return inputs
 
 
+def zero_shot_captioner(wildcards):
+    """The implicit-captioner settings for methods prompted by it (None otherwise, so no rerun on edits)."""
+    method = method_config(ZS, wildcards.method)
+    return CAPTIONER if method.get("prompt") == "implicit" else None
+
+
 def zero_shot_summary(method, dataset):
     return f"{OUT}/zero_shot/{method}/{dataset}/summary.csv"
 
@@ -302,12 +326,96 @@ def fig3a_seed_summaries():
     }
 
 
-# What every table/figure job passes to sd4match.provenance.build_provenance.
-PROVENANCE = {
-    "config_hash": CONFIG_HASH,
-    "demo": DEMO,
-    "image_size": config["image_size"],
+# Config sub-trees a table or figure depends on. Its provenance hash covers these and nothing else, so an edit
+# elsewhere (a figure setting, another table's baseline) never reruns it; upstream edits rerun it through
+# its inputs. Every table and figure also depends on EVAL_KEYS.
+EVAL_KEYS = (
+    "seed",
+    "image_size",
+    "features",
+    *(f"matching.{key}" for key in EVAL_MATCHING),
+    "evaluation",
+)
+SD4_KEYS = (
+    "sd4match.model",
+    "sd4match.dino_model",
+    "sd4match.training",
+    "sd4match.evaluation",
+)
+TABLE2_ZERO_SHOT = ("dino", "dinov2", "dift", "sddino")
+TABLE1_ZERO_SHOT = (
+    "dift_empty",
+    "dift",
+    "sddino_star_empty",
+    "sddino_star_template",
+    "sddino_star",
+)
+ALL_MODELS = ("sd21", "sd15", "dino", "dinov2", CAPTIONER["clip_model"])
+
+
+def provenance(*paths, models=(), datasets=(), variants=(), zero_shot=()):
+    """What a table/figure job passes to sd4match.provenance.build_provenance (hash of its config sub-tree)."""
+    keys = [
+        *EVAL_KEYS,
+        *paths,
+        *(f"models.{m}" for m in models),
+        *(f"datasets.{d}" for d in datasets),
+        *(f"sd4match.variants.{v}" for v in variants),
+        *(f"zero_shot.{m}" for m in zero_shot),
+    ]
+    if variants:
+        keys += [*SD4_KEYS, *(k for k in ("seeds", "seeds_per_run") if k in config)]
+    return {
+        "config_hash": subset_hash(config, keys),
+        "demo": DEMO,
+        "image_size": config["image_size"],
+    }
+
+
+def variants_of(trainsets):
+    """Configured prompt variants trained on any of ``trainsets``."""
+    return sorted({v for t, v in train_runs() if t in trainsets})
+
+
+# Where each table/figure appears in `snakemake --report`: (category, subcategory).
+REPORT_GROUPS = {
+    "table1": ("Tables", "Table 1: prompt types"),
+    "table2": ("Tables", "Table 2: SPair-71k per category"),
+    "table3": ("Tables", "Table 3: generalisation"),
+    "zero_shot_dift": ("Tables", "Zero-shot DIFT"),
+    "fig3a": ("Ablations", "Fig. 3a: CPM conditioning"),
+    "fig3b": ("Ablations", "Fig. 3b: timestep"),
+    "fig4": ("Figures", "Fig. 4: Class prompts"),
+    "fig5": ("Figures", "Fig. 5: CPM prompts"),
+    "qualitative": ("Figures", "Qualitative matches"),
 }
+
+
+def report_caption(name):
+    """The RST caption a table/figure job writes (protocol, models and revisions) for the report."""
+    return f"{OUT}/report/{name}.rst"
+
+
+def _report(path, name, kind):
+    category, subcategory = REPORT_GROUPS[name]
+    return report(
+        path,
+        caption=f"../report/{name}.rst",
+        category=category,
+        subcategory=subcategory,
+        labels={"result": subcategory, "file": kind},
+    )
+
+
+def report_table(name):
+    """The HTML table (ours / paper / delta) of ``name``, registered for the report."""
+    return _report(f"{OUT}/tables/{name}.html", name, "table (HTML)")
+
+
+def report_figure(name, ext):
+    """A figure file (png or pdf) of ``name``, registered for the report."""
+    return _report(f"{OUT}/figures/{name}.{ext}", name, f"figure ({ext.upper()})")
+
 
 TABLES = ["table1", "table2", "table3", "zero_shot_dift", "fig3a", "fig3b"]
 FIGURES = ["fig3a", "fig3b", "fig4", "fig5", "qualitative"]

@@ -7,9 +7,13 @@ rule fetch_dataset:
     output:
         fetch_record("{dataset}"),
     log:
-        "logs/data/fetch_{dataset}.log",
+        log_path("data/fetch_{dataset}.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=240,  # SPair-71k: 2 GB download + extraction
     params:
         cfg=lambda wc: config["datasets"][wc.dataset],
         data_dir=lambda wc: f"{RES}/data/{wc.dataset}",
@@ -25,9 +29,13 @@ rule pairs_table:
         table=pairs_table("{dataset}", "{split}"),
         report=f"{OUT}/pairs/{{dataset}}_{{split}}.report.json",
     log:
-        "logs/data/pairs_{dataset}_{split}.log",
+        log_path("data/pairs_{dataset}_{split}.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         layout=config["datasets"]["spair"]["layout"],
     script:

@@ -11,9 +11,13 @@ rule demo_datasets:
         pfwillow_images=f"{DEMO_ARCHIVES}/PF-dataset.zip",
         pfwillow_pairs=f"{DEMO_ARCHIVES}/test_pairs.csv",
     log:
-        "logs/demo/demo_datasets.log",
+        log_path("world/demo_datasets.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         demo_world=config.get("demo_world", {}),
     script:
@@ -24,9 +28,13 @@ rule tiny_model:
     output:
         directory(tiny_model_dir("{model}")),
     log:
-        "logs/demo/tiny_model_{model}.log",
+        log_path("world/tiny_model_{model}.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         seed=config.get("demo_world", {}).get("seed", 0),
     script:
@@ -40,9 +48,13 @@ rule tiny_captioner:
     output:
         f"{RES}/tiny_models/implicit_captioner.safetensors",
     log:
-        "logs/demo/tiny_captioner.log",
+        log_path("world/tiny_captioner.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         seed=config.get("demo_world", {}).get("seed", 0),
         prefix=CAPTIONER["prefix"],

@@ -10,24 +10,32 @@ rule fig3a:
         ],
         models=[model_record(SD4["model"]), model_record(SD4["dino_model"])],
     output:
-        png=report(
-            f"{OUT}/figures/fig3a.png",
-            caption="../report/fig3a.rst",
-            category="Figures",
-        ),
-        pdf=f"{OUT}/figures/fig3a.pdf",
+        png=report_figure("fig3a", "png"),
+        pdf=report_figure("fig3a", "pdf"),
         provenance=f"{OUT}/figures/fig3a.png.provenance.json",
         csv=f"{OUT}/tables/fig3a.csv",
         csv_provenance=f"{OUT}/tables/fig3a.csv.provenance.json",
         md=f"{OUT}/tables/fig3a.md",
+        html=report_table("fig3a"),
+        caption=report_caption("fig3a"),
     log:
-        "logs/figures/fig3a.log",
+        log_path("figures/fig3a.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         summary_paths=fig3a_summaries(),
         matching=config["matching"]["reported"],
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "fig3a",
+            "matching.reported",
+            models=[SD4["model"], SD4["dino_model"]],
+            datasets=[FIG3A["trainset"]],
+            variants=sorted(set(FIG3A["cases"].values())),
+        ),
     script:
         "../workflow_scripts/fig3a.py"
 
@@ -45,20 +53,22 @@ rule fig3b:
         ],
         models=[model_record(SD4["model"]), model_record(SD4["dino_model"])],
     output:
-        png=report(
-            f"{OUT}/figures/fig3b.png",
-            caption="../report/fig3b.rst",
-            category="Figures",
-        ),
-        pdf=f"{OUT}/figures/fig3b.pdf",
+        png=report_figure("fig3b", "png"),
+        pdf=report_figure("fig3b", "pdf"),
         provenance=f"{OUT}/figures/fig3b.png.provenance.json",
         csv=f"{OUT}/tables/fig3b.csv",
         csv_provenance=f"{OUT}/tables/fig3b.csv.provenance.json",
         md=f"{OUT}/tables/fig3b.md",
+        html=report_table("fig3b"),
+        caption=report_caption("fig3b"),
     log:
-        "logs/figures/fig3b.log",
+        log_path("figures/fig3b.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         sd4match={t: timestep_summary(t) for t in FIG3B["timesteps"]},
         baseline={
@@ -67,7 +77,14 @@ rule fig3b:
         },
         labels=(f"SD4Match ({FIG3B['variant']})", f"{FIG3B['baseline']} (zero-shot)"),
         matching=config["matching"]["reported"],
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "fig3b",
+            "matching.reported",
+            models=[SD4["model"], SD4["dino_model"], ZS[FIG3B["baseline"]]["model"]],
+            datasets=["spair"],
+            variants=[FIG3B["variant"]],
+            zero_shot=[FIG3B["baseline"]],
+        ),
     script:
         "../workflow_scripts/fig3b.py"
 
@@ -77,21 +94,29 @@ rule fig4:
         prompt=prompt_file("spair", "class", primary("spair", "class")),
         sd_model=model_record(SD4["model"]),
     output:
-        png=report(
-            f"{OUT}/figures/fig4.png", caption="../report/fig4.rst", category="Figures"
-        ),
-        pdf=f"{OUT}/figures/fig4.pdf",
+        png=report_figure("fig4", "png"),
+        pdf=report_figure("fig4", "pdf"),
         provenance=f"{OUT}/figures/fig4.png.provenance.json",
+        caption=report_caption("fig4"),
     log:
-        "logs/figures/fig4.log",
+        log_path("figures/fig4.log"),
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["figure"],
+        mem_mb=16000,
+        runtime=60,
     params:
         categories=FIGS["fig4_categories"],
         generation=FIGS["generation"],
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "figures.fig4_categories",
+            "figures.generation",
+            models=[SD4["model"]],
+            datasets=["spair"],
+            variants=["class"],
+        ),
     script:
         "../workflow_scripts/fig4.py"
 
@@ -105,21 +130,29 @@ rule fig5:
         pairs=pairs_table("spair", "test"),
         data=fetch_record("spair"),
     output:
-        png=report(
-            f"{OUT}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"
-        ),
-        pdf=f"{OUT}/figures/fig5.pdf",
+        png=report_figure("fig5", "png"),
+        pdf=report_figure("fig5", "pdf"),
         provenance=f"{OUT}/figures/fig5.png.provenance.json",
+        caption=report_caption("fig5"),
     log:
-        "logs/figures/fig5.log",
+        log_path("figures/fig5.log"),
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["figure"],
+        mem_mb=16000,
+        runtime=60,
     params:
         n_pairs=FIGS["fig5_pairs"],
         generation=FIGS["generation"],
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "figures.fig5_pairs",
+            "figures.generation",
+            models=[SD4["model"], SD4["dino_model"]],
+            datasets=["spair"],
+            variants=["cpm"],
+        ),
     script:
         "../workflow_scripts/fig5.py"
 
@@ -133,25 +166,31 @@ rule qualitative:
         pairs=pairs_table("spair", "test"),
         data=fetch_record("spair"),
     output:
-        png=report(
-            f"{OUT}/figures/qualitative.png",
-            caption="../report/qualitative.rst",
-            category="Figures",
-        ),
-        pdf=f"{OUT}/figures/qualitative.pdf",
+        png=report_figure("qualitative", "png"),
+        pdf=report_figure("qualitative", "pdf"),
         provenance=f"{OUT}/figures/qualitative.png.provenance.json",
+        caption=report_caption("qualitative"),
     log:
-        "logs/figures/qualitative.log",
+        log_path("figures/qualitative.log"),
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["figure"],
+        mem_mb=16000,
+        runtime=60,
     params:
         n_pairs=FIGS["qualitative_pairs"],
         evaluation=SD4["evaluation"],
         matching=config["matching"],
         image_size=config["image_size"],
         seed=primary("spair", "cpm"),  # the noise of that prompt's evaluation: the figure shows its matches
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "figures.qualitative_pairs",
+            "matching.reported",
+            models=[SD4["model"], SD4["dino_model"]],
+            datasets=["spair"],
+            variants=["cpm"],
+        ),
     script:
         "../workflow_scripts/qualitative.py"

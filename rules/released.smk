@@ -12,9 +12,13 @@ checkpoint import_released_prompts:
         prompts=directory(released_prompts_dir()),
         report=released_import_report(),
     log:
-        "logs/released/import.log",
+        log_path("released/import.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
     params:
         cfg=RELEASED,
         downloads=f"{RES}/downloads",
@@ -31,9 +35,9 @@ use rule evaluate_prompt as evaluate_released_prompt with:
         per_pair=f"{OUT}/released/{{released_set}}/{{released_variant}}/{{dataset}}/per_pair.csv",
         summary=released_summary("{released_set}", "{released_variant}", "{dataset}"),
     log:
-        "logs/released/{released_set}_{released_variant}_{dataset}.log",
+        log_path("released/{released_set}_{released_variant}_{dataset}.log"),
     benchmark:
-        "benchmarks/released/{released_set}_{released_variant}_{dataset}.tsv"
+        bench_path("released/{released_set}_{released_variant}_{dataset}.tsv")
     params:
         seed=config["seed"],  # a released prompt has no seed of ours: the zero-shot noise seed
 
@@ -54,12 +58,22 @@ rule released_table:
         table2_csv=f"{OUT}/tables/released_table2.csv",
         table2_md=f"{OUT}/tables/released_table2.md",
     log:
-        "logs/report/released_table.log",
+        log_path("report/released_table.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         matching=config["matching"]["reported"],
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "matching.reported",
+            "released_prompts",
+            "sd4match.evaluation",
+            models=[SD4["model"], SD4["dino_model"]],
+            datasets=TEST_DATASETS,
+        ),
     script:
         "../workflow_scripts/released_table.py"
 
@@ -76,9 +90,13 @@ rule demo_released_prompts:
     output:
         f"{RES}/demo_archives/pretrained_prompts.zip",
     log:
-        "logs/demo/demo_released_prompts.log",
+        log_path("demo/demo_released_prompts.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         seed=config.get("demo_world", {}).get("seed", 0),
     script:

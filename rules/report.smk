@@ -1,4 +1,8 @@
-"""Tables in the paper's layout, with the paper's numbers beside ours, deltas and provenance."""
+"""Tables in the paper's layout, with the paper's numbers beside ours, deltas and provenance.
+
+Each table is written as CSV (numbers), Markdown and HTML (ours / paper / delta, viewable in
+`snakemake --report`), plus an RST caption with the protocol and the model revisions used.
+"""
 
 
 rule table_zero_shot_dift:
@@ -7,48 +11,48 @@ rule table_zero_shot_dift:
         models=[model_record(ZS["dift"]["model"])],
     output:
         csv=f"{OUT}/tables/zero_shot_dift.csv",
-        md=report(
-            f"{OUT}/tables/zero_shot_dift.md",
-            caption="../report/zero_shot_dift.rst",
-            category="Tables",
-        ),
+        md=f"{OUT}/tables/zero_shot_dift.md",
+        html=report_table("zero_shot_dift"),
+        caption=report_caption("zero_shot_dift"),
     log:
-        "logs/report/table_zero_shot_dift.log",
+        log_path("report/table_zero_shot_dift.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         datasets=TEST_DATASETS,
-        matching=config["matching"],
+        matching=EVAL_MATCHING,
         reported=config["zero_shot_matching"],
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "zero_shot_matching",
+            models=[ZS["dift"]["model"]],
+            datasets=TEST_DATASETS,
+            zero_shot=["dift"],
+        ),
     script:
         "../workflow_scripts/table_zero_shot_dift.py"
 
 
 rule table1:
     input:
-        summaries=[
-            zero_shot_summary(m, "spair")
-            for m in (
-                "dift_empty",
-                "dift",
-                "sddino_star_empty",
-                "sddino_star_template",
-                "sddino_star",
-            )
-        ],
+        summaries=[zero_shot_summary(m, "spair") for m in TABLE1_ZERO_SHOT],
         models=[model_record(m) for m in ("sd21", "sd15", CAPTIONER["clip_model"])],
     output:
         csv=f"{OUT}/tables/table1.csv",
-        md=report(
-            f"{OUT}/tables/table1.md",
-            caption="../report/table1.rst",
-            category="Tables",
-        ),
+        md=f"{OUT}/tables/table1.md",
+        html=report_table("table1"),
+        caption=report_caption("table1"),
     log:
-        "logs/report/table1.log",
+        log_path("report/table1.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         cells={
             ("DIFT", "empty"): zero_shot_summary("dift_empty", "spair"),
@@ -60,78 +64,81 @@ rule table1:
             ("SD+DINO*", "implicit"): zero_shot_summary("sddino_star", "spair"),
         },
         matching=config["zero_shot_matching"],
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "zero_shot_matching",
+            "implicit_captioner",
+            models=("sd21", "sd15", CAPTIONER["clip_model"]),
+            datasets=["spair"],
+            zero_shot=TABLE1_ZERO_SHOT,
+        ),
     script:
         "../workflow_scripts/table1.py"
 
 
 rule table2:
     input:
-        zero_shot=[
-            zero_shot_summary(m, "spair") for m in ("dino", "dinov2", "dift", "sddino")
-        ],
+        zero_shot=[zero_shot_summary(m, "spair") for m in TABLE2_ZERO_SHOT],
         sd4match=[  # every seed; params name the primary seeds
             path
-            for t, v in train_runs()
-            if t == "spair"
+            for v in variants_of(["spair"])
             for path in sd4match_seed_summaries("spair", v, "spair").values()
         ],
-        models=[
-            model_record(m)
-            for m in ("sd21", "sd15", "dino", "dinov2", CAPTIONER["clip_model"])
-        ],
+        models=[model_record(m) for m in ALL_MODELS],
     output:
         csv=f"{OUT}/tables/table2.csv",
-        md=report(
-            f"{OUT}/tables/table2.md",
-            caption="../report/table2.rst",
-            category="Tables",
-        ),
+        md=f"{OUT}/tables/table2.md",
+        html=report_table("table2"),
+        caption=report_caption("table2"),
     log:
-        "logs/report/table2.log",
+        log_path("report/table2.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
-        zero_shot={
-            m: zero_shot_summary(m, "spair")
-            for m in ("dino", "dinov2", "dift", "sddino")
-        },
+        zero_shot={m: zero_shot_summary(m, "spair") for m in TABLE2_ZERO_SHOT},
         sd4match={
-            v: sd4match_summary("spair", v, "spair")
-            for t, v in train_runs()
-            if t == "spair"
+            v: sd4match_summary("spair", v, "spair") for v in variants_of(["spair"])
         },
-        variants=SD4["variants"],
+        variants={v: SD4["variants"][v] for v in variants_of(["spair"])},
         matching=config["matching"]["reported"],
         zero_shot_matching=config["zero_shot_matching"],
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "zero_shot_matching",
+            "matching.reported",
+            "implicit_captioner",
+            "sd4match.train_sets.spair",
+            models=ALL_MODELS,
+            datasets=["spair"],
+            variants=variants_of(["spair"]),
+            zero_shot=TABLE2_ZERO_SHOT,
+        ),
     script:
         "../workflow_scripts/table2.py"
 
 
 rule table3:
     input:
-        zero_shot=list(
-            zero_shot_summaries(("dino", "dinov2", "dift", "sddino")).values()
-        ),
+        zero_shot=list(zero_shot_summaries(TABLE2_ZERO_SHOT).values()),
         sd4match=sd4match_summaries(),
-        models=[
-            model_record(m)
-            for m in ("sd21", "sd15", "dino", "dinov2", CAPTIONER["clip_model"])
-        ],
+        models=[model_record(m) for m in ALL_MODELS],
     output:
         csv=f"{OUT}/tables/table3.csv",
-        md=report(
-            f"{OUT}/tables/table3.md",
-            caption="../report/table3.rst",
-            category="Tables",
-        ),
+        md=f"{OUT}/tables/table3.md",
+        html=report_table("table3"),
+        caption=report_caption("table3"),
     log:
-        "logs/report/table3.log",
+        log_path("report/table3.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
-        zero_shot=zero_shot_summaries(("dino", "dinov2", "dift", "sddino")),
+        zero_shot=zero_shot_summaries(TABLE2_ZERO_SHOT),
         runs=[
             (t, v)
             for t, v in train_runs()
@@ -142,9 +149,18 @@ rule table3:
             for t, v in train_runs()
             for d in eval_datasets(t, v)
         },
-        variants=SD4["variants"],
+        variants={v: SD4["variants"][v] for v in variants_of(TRAIN_SETS)},
         matching=config["matching"]["reported"],
         zero_shot_matching=config["zero_shot_matching"],
-        provenance=PROVENANCE,
+        provenance=provenance(
+            "zero_shot_matching",
+            "matching.reported",
+            "implicit_captioner",
+            "sd4match.train_sets",
+            models=ALL_MODELS,
+            datasets=TEST_DATASETS,
+            variants=variants_of(TRAIN_SETS),
+            zero_shot=TABLE2_ZERO_SHOT,
+        ),
     script:
         "../workflow_scripts/table3.py"

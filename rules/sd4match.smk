@@ -8,17 +8,20 @@ rule evaluate_prompt:
         per_pair=sd4match_per_pair("{trainset}", "{variant}", "{dataset}", "{seed}"),
         summary=sd4match_summary("{trainset}", "{variant}", "{dataset}", "{seed}"),
     log:
-        "logs/sd4match/{trainset}_{variant}_seed{seed}_{dataset}.log",
+        log_path("sd4match/{trainset}_{variant}_seed{seed}_{dataset}.log"),
     benchmark:
-        "benchmarks/sd4match/{trainset}_{variant}_seed{seed}_{dataset}.tsv"
+        bench_path("sd4match/{trainset}_{variant}_seed{seed}_{dataset}.tsv")
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["evaluate"],
+        mem_mb=32000,
+        runtime=240,
     params:
         evaluation=SD4["evaluation"],
         features=config["features"],
-        matching=config["matching"],
+        matching=EVAL_MATCHING,
         alphas=config["evaluation"]["alphas"],
         max_pairs=config["evaluation"]["max_pairs"],
         image_size=config["image_size"],
@@ -36,17 +39,20 @@ rule evaluate_prompt_timestep:
         ),
         summary=timestep_file("{trainset}", "{variant}", "{dataset}", "{t}", "{seed}"),
     log:
-        "logs/sd4match/{trainset}_{variant}_seed{seed}_{dataset}_t{t}.log",
+        log_path("sd4match/{trainset}_{variant}_seed{seed}_{dataset}_t{t}.log"),
     benchmark:
-        "benchmarks/sd4match/{trainset}_{variant}_seed{seed}_{dataset}_t{t}.tsv"
+        bench_path("sd4match/{trainset}_{variant}_seed{seed}_{dataset}_t{t}.tsv")
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["evaluate"],
+        mem_mb=32000,
+        runtime=240,
     params:
         evaluation=lambda wc: SD4["evaluation"] | {"timestep": int(wc.t)},
         features=config["features"],
-        matching=config["matching"],
+        matching=EVAL_MATCHING,
         alphas=config["evaluation"]["alphas"],
         max_pairs=config["evaluation"]["max_pairs"],
         image_size=config["image_size"],

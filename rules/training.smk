@@ -14,21 +14,20 @@ rule train_prompt:
         sidecar=prompt_file("{trainset}", "{variant}", "{seed}") + ".json",
         curve=loss_curve_file("{trainset}", "{variant}", "{seed}"),
     log:
-        "logs/train/{trainset}_{variant}_seed{seed}.log",
+        log_path("train/{trainset}_{variant}_seed{seed}.log"),
     benchmark:
-        "benchmarks/train/{trainset}_{variant}_seed{seed}.tsv"
+        bench_path("train/{trainset}_{variant}_seed{seed}.tsv")
     conda:
         CONDA_ENV
+    threads: 8
     resources:
         gpu=config["gpu"]["train"],
+        mem_mb=64000,
+        runtime=2880,  # 30k steps; ~22 GB GPU memory at 3 pairs per GPU (authors' setup)
     params:
         settings=train_settings,
         cpm=cpm_options,
-        metadata=lambda wc: {
-            "config_hash": CONFIG_HASH,
-            "variant_name": wc.variant,
-            "demo": DEMO,
-        },
+        metadata=lambda wc: {"variant_name": wc.variant, "demo": DEMO},
         out_dir=lambda wc: f"{prompt_dir(wc.trainset, wc.variant, wc.seed)}/checkpoints",
     script:
         "../workflow_scripts/train_prompt.py"

@@ -7,9 +7,13 @@ rule fetch_captioner:
     output:
         f"{RES}/models/implicit_captioner.json",
     log:
-        "logs/models/fetch_captioner.log",
+        log_path("models/fetch_captioner.log"),
     conda:
         CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
     params:
         url=CAPTIONER["url"],
         sha256=CAPTIONER["sha256"],
@@ -25,19 +29,22 @@ rule evaluate_zero_shot:
         per_pair=f"{OUT}/zero_shot/{{method}}/{{dataset}}/per_pair.csv",
         summary=zero_shot_summary("{method}", "{dataset}"),
     log:
-        "logs/zero_shot/{method}_{dataset}.log",
+        log_path("zero_shot/{method}_{dataset}.log"),
     benchmark:
-        "benchmarks/zero_shot/{method}_{dataset}.tsv"
+        bench_path("zero_shot/{method}_{dataset}.tsv")
     conda:
         CONDA_ENV
+    threads: 4
     resources:
         gpu=config["gpu"]["evaluate"],
+        mem_mb=48000,
+        runtime=360,
     params:
         method=zero_shot_method,
-        captioner=CAPTIONER,
+        captioner=zero_shot_captioner,
         image_size=config["image_size"],
         features=config["features"],
-        matching=config["matching"],
+        matching=EVAL_MATCHING,
         alphas=config["evaluation"]["alphas"],
         max_pairs=config["evaluation"]["max_pairs"],
         seed=config["seed"],

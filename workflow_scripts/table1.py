@@ -11,5 +11,11 @@ with log_to(snakemake.log[0]):  # noqa: F821
     table = table1({key: pd.read_csv(path) for key, path in p.cells.items()}, matching=p.matching)
     prov = build_provenance(record_paths=i.models, **p.provenance)
     write_table(
-        table, o.csv, o.md, title=f"Table 1 — prompt types, SPair-71k PCK@0.1 ({p.matching})", prov=prov
+        table,
+        o.csv,
+        o.md,
+        title=f"Table 1 — prompt types, SPair-71k PCK@0.1 ({p.matching})",
+        prov=prov,
+        html_path=o.html,
+        caption_path=o.caption,
     )

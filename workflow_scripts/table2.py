@@ -8,4 +8,12 @@ with log_to(snakemake.log[0]):  # noqa: F821
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
     table = table2_from_files(p.zero_shot, p.sd4match, p.variants, p.matching, p.zero_shot_matching)
     prov = build_provenance(record_paths=i.models, **p.provenance)
-    write_table(table, o.csv, o.md, title="Table 2 — SPair-71k PCK@0.1 per category", prov=prov)
+    write_table(
+        table,
+        o.csv,
+        o.md,
+        title="Table 2 — SPair-71k PCK@0.1 per category",
+        prov=prov,
+        html_path=o.html,
+        caption_path=o.caption,
+    )

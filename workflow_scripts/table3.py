@@ -9,4 +9,12 @@ with log_to(snakemake.log[0]):  # noqa: F821
     runs = [tuple(run) for run in p.runs]
     table = table3_from_files(p.zero_shot, runs, p.sd4match, p.variants, p.matching, p.zero_shot_matching)
     prov = build_provenance(record_paths=i.models, **p.provenance)
-    write_table(table, o.csv, o.md, title="Table 3 — generalisation, PCK per image", prov=prov)
+    write_table(
+        table,
+        o.csv,
+        o.md,
+        title="Table 3 — generalisation, PCK per image",
+        prov=prov,
+        html_path=o.html,
+        caption_path=o.caption,
+    )

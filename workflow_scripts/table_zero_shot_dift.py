@@ -15,5 +15,11 @@ with log_to(snakemake.log[0]):  # noqa: F821
     )
     prov = build_provenance(record_paths=i.models, **p.provenance)
     write_table(
-        table, o.csv, o.md, title=f"Zero-shot DIFT ({p.reported} matching) — paper Table 3 layout", prov=prov
+        table,
+        o.csv,
+        o.md,
+        title=f"Zero-shot DIFT ({p.reported} matching) — paper Table 3 layout",
+        prov=prov,
+        html_path=o.html,
+        caption_path=o.caption,
     )
