@@ -474,13 +474,14 @@ def test_released_tables_put_each_prompt_beside_the_papers_row(tmp_path):
     summaries = read_released_summaries(_write_summaries(tmp_path, values))
     table3 = released_table3(summaries, "kernel_softmax")
     assert list(table3["method"]) == [
-        "SD4Match-CPM (authors' released prompt, tuned on SPair-71k) (kernel_softmax)",
+        "SD4Match-CPM (authors' released prompt, tuned on SPair-71k)",
         "SD4Match-CPM (Tuned on SPair-71k)",
         "ours − paper",
-        "SD4Match-CPM (authors' released prompt, tuned on PF-Pascal) (kernel_softmax)",
+        "SD4Match-CPM (authors' released prompt, tuned on PF-Pascal)",
         "SD4Match-CPM",
         "ours − paper",
     ]
+    assert list(table3["matching"]) == ["kernel_softmax", "", "kernel_softmax"] * 2  # quoted rows: none
     assert table3["SPair-71k@0.1"].tolist() == pytest.approx([80.0, 75.5, 4.5, 90.0, 40.9, 49.1])
     assert table3["PF-Pascal@0.05"].tolist() == pytest.approx([80.0, 73.3, 6.7, 90.0, 84.4, 5.6])
     table2 = released_table2(summaries, "kernel_softmax")
