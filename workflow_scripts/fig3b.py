@@ -7,4 +7,5 @@ from sd4match.provenance import build_provenance
 with log_to(snakemake.log[0]):  # noqa: F821
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
     prov = build_provenance(record_paths=i.models, **p.provenance)
-    make_fig3b(p.sd4match, p.baseline, tuple(p.labels), o.png, o.pdf, o.csv, o.md, p.matching, prov)
+    matching = (p.matching["sd4match"], p.matching["baseline"])
+    make_fig3b(p.sd4match, p.baseline, tuple(p.labels), matching, o.png, o.pdf, o.csv, o.md, prov)
