@@ -374,6 +374,9 @@ class PromptTrainer:
             "step": p.best_step,
             "val_pck": p.best_val_pck,
             "val_pairs": len(data.val),
+            "val_timestep": self.settings.val_timestep,
+            "effective_batch": self.settings.effective_batch,  # pairs one step's gradient averaged
+            "batch_semantics": self.settings.batch_semantics,
             "steps_done": p.step,
             "skipped_steps": len(p.skipped_steps),
             "train_hash": self.train_hash(),

@@ -434,6 +434,21 @@ def test_cpm_longer_than_the_sequence_is_refused(sd: SDComponents) -> None:
     )
 
 
+def test_case_5_with_75_conditional_vectors_is_a_config_choice(sd: SDComponents) -> None:
+    """The authors' G0-C75 (no global prompt, 75 conditional vectors, no padding) is one config line away."""
+    from sd4match.config import load_config, validate_config
+
+    config = load_config(REPO / "config.yaml")
+    variant = {"kind": "cpm", "global_prompt": False, "n_cond": 75}
+    config["sd4match"]["variants"]["cpm_no_global_c75"] = variant
+    options = validate_config(config)["sd4match"]["variants"]["cpm_no_global_c75"]
+    cfg = CPMConfig(**{k: v for k, v in options.items() if k != "kind"}, dino_dim=DINO)
+    module = build_prompt_module("cpm", sd.text_encoder, sd.tokenizer, cpm=cfg)
+    assert module.learned_length == 75 and tuple(module.omega_pos.shape) == (75, D)
+    src, _ = module.prompt_pair(make_batch(["cat"]))
+    assert torch.equal(src[0, 76], input_row(sd, sd.tokenizer.eos_token_id, 76))
+
+
 def test_cpm_rejects_bad_tokens(sd: SDComponents) -> None:
     module = build(sd, "pair_local")
     batch = make_batch(["cat"])

@@ -711,6 +711,7 @@ def test_validation_picks_the_best_step_and_the_prompt_reloads(
         meta["config_hash"] == "abc123" and meta["variant"] == "class" and meta["training_set"] == "pfpascal"
     )
     assert (meta["step"], meta["val_pck"], meta["steps_done"], meta["val_pairs"]) == (4, 30.0, 6, 4)
+    assert (meta["val_timestep"], meta["effective_batch"], meta["batch_semantics"]) == (261, 2, "paper")
     assert meta["sd_model"]["revision"] and meta["dinov2_model"] is None
     monkeypatch.setattr(PromptTrainer, "validate", lambda self: 0.0)
     short = make_job(world, tmp_path / "short", "class", steps=4)
