@@ -45,7 +45,7 @@ GT_COLOR = "#ffd700"
 MATCH_GID = "match"
 GT_GID = "gt"
 FIG3A_COLUMNS = ("case", "setting", "ours", "paper", "delta", "matching", "pck")
-FIG3B_COLUMNS = ("method", "timestep", "pck")
+FIG3B_COLUMNS = ("method", "matching", "timestep", "pck", "reported")
 FIG3A_SIZE = (9.0, 5.5)
 FIG3B_SIZE = (8.0, 5.0)
 PANEL_INCHES = 3.0  # one image of a qualitative pair
@@ -99,19 +99,24 @@ def save_figure(
 # Fig. 3a: CPM ablation
 # ----------------------------------------------------------------------------------------------------------
 
+# The Fig. 3a designs, resolved as CPMConfig resolves them (only pair + local patch tokens has g_n).
 FIG3A_CASES: dict[int, dict[str, Any]] = {
     1: {"condition": "pair", "features": "local", "global_prompt": True, "use_gn": True},
-    2: {"condition": "pair", "features": "global", "global_prompt": True, "use_gn": True},
-    3: {"condition": "individual", "features": "local", "global_prompt": True, "use_gn": True},
-    4: {"condition": "individual", "features": "global", "global_prompt": True, "use_gn": True},
+    2: {"condition": "pair", "features": "global", "global_prompt": True, "use_gn": False},
+    3: {"condition": "individual", "features": "local", "global_prompt": True, "use_gn": False},
+    4: {"condition": "individual", "features": "global", "global_prompt": True, "use_gn": False},
     5: {"condition": "pair", "features": "local", "global_prompt": False, "use_gn": True},
     6: {"condition": "pair", "features": "local", "global_prompt": True, "use_gn": False},
 }
 
 
 def fig3a_case(cpm_options: dict[str, Any]) -> int | None:
-    """Fig. 3a case (1-6) of a CPM design (condition, features, global_prompt, use_gn); None if not one."""
-    design = {key: cpm_options.get(key, default) for key, default in FIG3A_CASES[1].items()}
+    """Fig. 3a case (1-6) of a CPM design (condition, features, global_prompt, use_gn; missing keys take
+    CPMConfig's defaults, use_gn the authors' rule); None if it is none of them."""
+    from sd4match.prompt_learning import CPMConfig
+
+    config = CPMConfig(**{key: cpm_options[key] for key in FIG3A_CASES[1] if key in cpm_options})
+    design = {key: getattr(config, key) for key in FIG3A_CASES[1]}
     for case, options in FIG3A_CASES.items():
         if design == options:
             return case
@@ -221,54 +226,105 @@ def fig3a_cpm_ablation(
 
 
 def timestep_rows(
-    summaries: dict[tuple[str, int], pd.DataFrame], matching: str, alpha: float = FIG3_ALPHA
+    summaries: dict[tuple[str, int], pd.DataFrame],
+    matchings: dict[str, Sequence[str]],
+    alpha: float = FIG3_ALPHA,
 ) -> pd.DataFrame:
-    """Fig. 3b rows (method, timestep, pck) from summaries keyed by (method label, timestep t)."""
+    """Fig. 3b rows (method, matching, timestep, pck, reported) from summaries keyed by (method label, t).
+
+    ``matchings[method]`` lists the matchings to read for that method, the one its tables report first
+    (``reported`` is True on its rows): SD4Match kernel-softmax, DIFT nearest neighbour as in Tables 1-3.
+    """
+    missing = sorted({method for method, _ in summaries} - set(matchings))
+    if missing:
+        raise ValueError(f"fig3b: no matching given for {missing}")
     rows = [
         {
             "method": method,
+            "matching": matching,
             "timestep": int(t),
-            "pck": summary_pck(summary, ALL_CATEGORY, matching, alpha, where=f"fig3b {method} t={t}"),
+            "pck": summary_pck(
+                summary, ALL_CATEGORY, matching, alpha, where=f"fig3b {method} t={t} ({matching})"
+            ),
+            "reported": i == 0,
         }
         for (method, t), summary in summaries.items()
+        for i, matching in enumerate(dict.fromkeys(matchings[method]))
     ]
     return fig3b_table(pd.DataFrame(rows, columns=list(FIG3B_COLUMNS)))
 
 
 def fig3b_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Validated Fig. 3b table sorted by method and timestep: one finite PCK per (method, timestep)."""
+    """Validated Fig. 3b table sorted by method, reported matching first, and timestep: one finite PCK per
+    (method, matching, timestep), one reported matching per method."""
     missing = [column for column in FIG3B_COLUMNS if column not in rows.columns]
     if missing:
         raise ValueError(f"fig3b: rows lack columns {missing} (expected {list(FIG3B_COLUMNS)})")
     if rows.empty:
         raise ValueError("fig3b: no rows")
     table = rows[list(FIG3B_COLUMNS)].copy()
-    table["method"] = table["method"].astype(str)
+    for column in ("method", "matching"):
+        table[column] = table[column].astype(str)
     table["timestep"] = pd.to_numeric(table["timestep"], errors="raise").astype("int64")
     table["pck"] = pd.to_numeric(table["pck"], errors="raise").astype(float)
+    if not table["reported"].map(lambda v: isinstance(v, (bool, np.bool_))).all():
+        raise ValueError("fig3b: column 'reported' must hold booleans")
+    table["reported"] = table["reported"].astype(bool)
     if not np.isfinite(table["pck"]).all():
         raise ValueError("fig3b: every pck must be a finite number")
     if ((table["timestep"] < 0) | (table["timestep"] > 999)).any():
         raise ValueError("fig3b: timesteps must lie in [0, 999]")
-    dup = table.duplicated(subset=["method", "timestep"])
+    dup = table.duplicated(subset=["method", "matching", "timestep"])
     if dup.any():
-        first = table.loc[dup, ["method", "timestep"]].iloc[0].tolist()
-        raise ValueError(f"fig3b: duplicated (method, timestep) rows, first {first}")
-    return table.sort_values(["method", "timestep"], kind="stable").reset_index(drop=True)
+        first = table.loc[dup, ["method", "matching", "timestep"]].iloc[0].tolist()
+        raise ValueError(f"fig3b: duplicated (method, matching, timestep) rows, first {first}")
+    reported = table[table["reported"]].groupby("method")["matching"].nunique()
+    several = sorted(reported[reported > 1].index)
+    unreported = sorted(set(table["method"]) - set(reported.index))
+    if several or unreported:
+        raise ValueError(
+            f"fig3b: each method needs exactly one reported matching; several for {several}, "
+            f"none for {unreported}"
+        )
+    table["order"] = ~table["reported"]
+    table = table.sort_values(["method", "order", "matching", "timestep"], kind="stable")
+    return table.drop(columns="order").reset_index(drop=True)
+
+
+def fig3b_caption(table: pd.DataFrame, alpha: float = FIG3_ALPHA) -> str:
+    """The protocol line of Fig. 3b: PCK, test set, and which matching each line uses."""
+    reported = table[table["reported"]].drop_duplicates("method")
+    solid = "; ".join(f"{m}: {k}" for m, k in zip(reported["method"], reported["matching"], strict=True))
+    text = f"Protocol: PCK@{alpha:g} per image, SPair-71k test. Solid: the matching each method's tables "
+    text += f"report ({solid})"
+    if not table["reported"].all():
+        text += "; dashed: the other matching, for comparison"
+    return text + "."
 
 
 def build_fig3b(
     table: pd.DataFrame,
     demo: bool,
-    matching: str,
     train_timestep: int = TRAIN_TIMESTEP,
     test_timestep: int = TEST_TIMESTEP,
 ) -> Figure:
-    """Line plot of PCK@0.1 vs timestep t per method, with the training and test timesteps marked."""
+    """Line plot of PCK@0.1 vs timestep t per method and matching (solid: the matching the method's tables
+    report; dashed, same colour: the other), with the training and test timesteps marked."""
     fig = new_figure(FIG3B_SIZE)
     ax = fig.add_subplot()
-    for i, (method, group) in enumerate(table.groupby("method", sort=False)):
-        ax.plot(group["timestep"], group["pck"], marker=MARKERS[i % len(MARKERS)], label=str(method))
+    colors: dict[str, int] = {}
+    for (method, matching), group in table.groupby(["method", "matching"], sort=False):
+        reported = bool(group["reported"].iloc[0])
+        index = colors.setdefault(method, len(colors))
+        ax.plot(
+            group["timestep"],
+            group["pck"],
+            marker=MARKERS[index % len(MARKERS)],
+            color=f"C{index}",
+            linestyle="-" if reported else "--",
+            alpha=1.0 if reported else 0.6,
+            label=f"{method}, {matching}" + ("" if reported else " (not its tables' matching)"),
+        )
     ax.axvline(
         train_timestep, color="#555555", linestyle="--", linewidth=1, label=f"training t = {train_timestep}"
     )
@@ -278,8 +334,8 @@ def build_fig3b(
     ax.set_xlabel("timestep t (DDPM steps of 1000; 0 = clean image)")
     ax.set_ylabel(f"PCK@{FIG3_ALPHA:g} per image (%)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    decorate(fig, "Fig. 3b — SPair-71k PCK at different timesteps t", protocol_caption(matching), demo)
+    ax.legend(loc="best", fontsize=8)
+    decorate(fig, "Fig. 3b — SPair-71k PCK at different timesteps t", fig3b_caption(table), demo)
     return fig
 
 
@@ -288,11 +344,10 @@ def fig3b_timesteps(
     out_png: str | os.PathLike[str],
     out_pdf: str | os.PathLike[str],
     demo: bool,
-    matching: str = "kernel_softmax",
 ) -> pd.DataFrame:
     """Fig. 3b: write PCK@0.1 vs t (SD4Match vs the DIFT baseline) as PNG and PDF; returns its table."""
     table = fig3b_table(rows)
-    save_figure(build_fig3b(table, demo, matching), out_png, out_pdf)
+    save_figure(build_fig3b(table, demo), out_png, out_pdf)
     return table
 
 

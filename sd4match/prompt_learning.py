@@ -4,12 +4,17 @@ Every module outputs ``(B, 77, D)`` CLIP *input* embeddings ``[SOS, learned..., 
 ``sd4match.prompts.encode_sequence``; only the prompt is trainable, the text encoder and its token/position
 tables stay frozen and are never held by the module (SOS/EOS are copied into non-persistent buffers).
 Saved prompts are a safetensors file of the learned parameters plus a JSON sidecar ``<file>.json``.
+A prompt shorter than the 75 learned positions (Fig. 3a case 5, CPM without its global prompt) is framed as
+the authors' code frames it: ``[SOS, learned, EOS, padding]``, EOS right after the learned vectors and the
+rest filled with token id 0, every position with its own positional embedding.
 """
 
 from __future__ import annotations
 
 import abc
 import json
+import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +35,8 @@ from sd4match.prompts import (
 )
 from sd4match.tensor_files import save_tensors
 
+log = logging.getLogger(__name__)
+
 VARIANTS = ("single", "class", "cpm")
 CONDITIONS = ("pair", "individual")
 FEATURES = ("local", "global")
@@ -39,6 +46,12 @@ SIDECAR_KEYS = ("format", "version", "variant", "categories", "cpm", "hidden_siz
 PROMPT_SUFFIX = ".safetensors"
 LR_PROMPT = 1e-2
 LR_LINEAR = 1e-3
+# The authors' CPM pads a prompt shorter than 75 learned vectors with token id 0 after its EOS (``"!"``, the
+# pad token of SD 2-1's tokenizer).
+PAD_TOKEN_ID = 0
+# ClassPrompt tensors are ``prompts.<i>``, one per category, i its index in the sidecar's sorted category list
+# (category names cannot be the keys: "train" is an SPair category and an nn.Module method).
+CLASS_PARAMETERS = "prompts"
 
 
 @dataclass
@@ -78,12 +91,16 @@ class CPMConfig:
 
     ``condition``: "pair" (source and target fused, one shared prompt) or "individual" (one prompt per image);
     ``features``: "local" (DINOv2 patch tokens) or "global" (the image descriptor as one token).
+    ``use_gn``: the patch-mixing layer g_n; None (the default) resolves to the authors' modules, which have
+    it only for pair + local features (protocol.md "Fig. 3a modules"); False on pair + local is case 6; True
+    elsewhere is none of the authors' modules (prompts of cases 2-4 saved before this fix had it).
+    ``global_prompt``: False is case 5, the n_cond conditional vectors alone, padded as the authors do.
     """
 
     condition: str = "pair"
     features: str = "local"
     global_prompt: bool = True
-    use_gn: bool = True
+    use_gn: bool | None = None
     n_global: int = 25
     n_cond: int = 50
     dino_dim: int = 768
@@ -94,6 +111,8 @@ class CPMConfig:
             raise ValueError(f"CPMConfig.condition must be one of {CONDITIONS}, got {self.condition!r}")
         if self.features not in FEATURES:
             raise ValueError(f"CPMConfig.features must be one of {FEATURES}, got {self.features!r}")
+        if self.use_gn is None:
+            self.use_gn = self.condition == "pair" and self.features == "local"
         for name in ("global_prompt", "use_gn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CPMConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -104,8 +123,13 @@ class CPMConfig:
 
     @property
     def cond_length(self) -> int:
-        """Length of theta_cond: n_cond, or n_global + n_cond without the global prompt (Fig. 3a case 5)."""
-        return self.n_cond if self.global_prompt else self.n_global + self.n_cond
+        """Length of theta_cond: n_cond, with or without the global prompt (the authors' ``C50``)."""
+        return self.n_cond
+
+    @property
+    def learned_length(self) -> int:
+        """Learned vectors between SOS and EOS: n_global + n_cond, or n_cond without the global prompt."""
+        return self.n_cond + (self.n_global if self.global_prompt else 0)
 
     @property
     def input_tokens(self) -> int:
@@ -135,37 +159,47 @@ def cpm_config_from_dict(data: Any, where: str) -> CPMConfig:
 class LearnedPrompt(nn.Module, abc.ABC):
     """Base of the learned prompts: frames learned vectors as ``[SOS, learned, EOS]`` (B, 77, D).
 
-    SOS/EOS (token + positional embedding of positions 0 and 76) are frozen copies held as non-persistent
-    buffers: they follow ``.to()`` but are neither parameters nor saved.
+    SOS (token + positional embedding of position 0) and the tail after the L learned vectors (EOS at position
+    L + 1, then padding: ``tail_embeddings``) are frozen copies held as non-persistent buffers: they follow
+    ``.to()`` but are neither parameters nor saved. L = 75 for every prompt but CPM without its global prompt.
     """
 
     variant: ClassVar[str]
     needs_dino: ClassVar[bool]
     per_image: ClassVar[bool]
 
-    def __init__(self, text_encoder: nn.Module, tokenizer: Any, seed: int) -> None:
+    def __init__(
+        self, text_encoder: nn.Module, tokenizer: Any, seed: int, learned_length: int | None = None
+    ) -> None:
         super().__init__()
         self.seed = seed
-        with torch.no_grad():
-            sos, eos = sos_eos_embeddings(text_encoder, tokenizer)
-        self.register_buffer("sos", sos.detach().clone().float(), persistent=False)
-        self.register_buffer("eos", eos.detach().clone().float(), persistent=False)
         self.hidden_size = hidden_size(text_encoder)
         self.sequence_length = sequence_length(text_encoder)
         self.n_learned = self.sequence_length - 2
+        self.learned_length = self.n_learned if learned_length is None else learned_length
+        if not 1 <= self.learned_length <= self.n_learned:
+            raise ValueError(
+                f"{self.variant}: {self.learned_length} learned vectors do not fit the {self.n_learned} "
+                "positions between SOS and EOS"
+            )
+        with torch.no_grad():
+            sos, _ = sos_eos_embeddings(text_encoder, tokenizer)
+            tail = tail_embeddings(text_encoder, tokenizer, self.learned_length)
+        self.register_buffer("sos", sos.detach().clone().float(), persistent=False)
+        self.register_buffer("tail", tail.detach().clone().float(), persistent=False)
 
     def frame(self, learned: Tensor) -> Tensor:
-        """``[SOS, learned, EOS]`` along the sequence axis: (B, 75, D) -> (B, 77, D)."""
-        expected = (self.n_learned, self.hidden_size)
+        """``[SOS, learned, EOS, padding]`` along the sequence axis: (B, L, D) -> (B, 77, D)."""
+        expected = (self.learned_length, self.hidden_size)
         if learned.ndim != 3 or tuple(learned.shape[1:]) != expected:
             raise ValueError(
                 f"{self.variant}: learned part must be (B, {expected[0]}, {expected[1]}), "
                 f"got {tuple(learned.shape)}"
             )
-        size = (learned.shape[0], 1, self.hidden_size)
-        sos = self.sos.to(learned.dtype).expand(size)
-        eos = self.eos.to(learned.dtype).expand(size)
-        return torch.cat([sos, learned, eos], dim=1)
+        batch = learned.shape[0]
+        sos = self.sos.to(learned.dtype).expand(batch, 1, self.hidden_size)
+        tail = self.tail.to(learned.dtype).expand(batch, -1, -1)
+        return torch.cat([sos, learned, tail], dim=1)
 
     @abc.abstractmethod
     def prompt_pair(self, batch: PromptBatch) -> tuple[Tensor, Tensor]:
@@ -182,6 +216,22 @@ class LearnedPrompt(nn.Module, abc.ABC):
     def sidecar(self) -> dict[str, Any]:
         """What ``load_prompt`` needs to rebuild this module (variant, categories, CPM config, D)."""
         return {"variant": self.variant, "categories": None, "cpm": None, "hidden_size": self.hidden_size}
+
+    def upgrade_state(self, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+        """Saved tensors in an earlier on-disk layout as this module's state dict (no earlier layout here)."""
+        return tensors
+
+
+def tail_embeddings(text_encoder: nn.Module, tokenizer: Any, learned_length: int) -> Tensor:
+    """What follows L learned vectors, as the authors' code builds it: EOS at position L + 1, then token id
+    ``PAD_TOKEN_ID`` at positions L + 2 .. 76, each with its positional embedding: (76 - L, D).
+
+    For L = 75 this is the single EOS row of ``sos_eos_embeddings``.
+    """
+    positions = position_embeddings(text_encoder)
+    count = positions.shape[0] - 1 - learned_length
+    ids = torch.tensor([int(tokenizer.eos_token_id)] + [PAD_TOKEN_ID] * (count - 1))
+    return token_embeddings(text_encoder, ids) + positions[learned_length + 1 :]
 
 
 def random_vocabulary_ids(vocab_size: int, excluded: set[int], shape: tuple[int, ...], seed: int) -> Tensor:
@@ -252,7 +302,12 @@ class SinglePrompt(CategoryPrompt):
 
 
 class ClassPrompt(CategoryPrompt):
-    """SD4Match-Class: one learned prompt theta_i (75, D) per object category (Eq. 6)."""
+    """SD4Match-Class: one learned prompt theta_i (75, D) per object category (Eq. 6).
+
+    Each category is its own parameter (``prompts.<i>``, i its index in ``categories``), as in the authors'
+    code: a category absent from a batch gets no gradient, so Adam leaves it untouched (one stacked tensor
+    would let Adam's moment estimates move every category at every step).
+    """
 
     variant: ClassVar[str] = "class"
 
@@ -262,24 +317,46 @@ class ClassPrompt(CategoryPrompt):
             raise ValueError(f"ClassPrompt: categories must be a non-empty list of names, got {categories!r}")
         self.categories = sorted(set(categories))
         self.index = {name: i for i, name in enumerate(self.categories)}
-        init = initial_prompts(text_encoder, tokenizer, len(self.categories), seed)
-        self.prompts = nn.Parameter(init.to(self.sos.device))
+        init = initial_prompts(text_encoder, tokenizer, len(self.categories), seed).to(self.sos.device)
+        self.prompts = nn.ParameterList([nn.Parameter(row.clone()) for row in init])
 
-    def category_indices(self, categories: list[str]) -> Tensor:
-        """Row of each category in ``prompts``; an unknown category raises naming it."""
+    def prompt_of(self, category: str) -> nn.Parameter:
+        """The learned vectors (75, D) of one category; an unknown category raises naming it."""
+        self.require_known([category])
+        return self.prompts[self.index[category]]
+
+    def require_known(self, categories: list[str]) -> None:
+        """Raise naming every category this prompt has no prompt for."""
         unknown = sorted({c for c in categories if c not in self.index})
         if unknown:
             raise ValueError(
                 f"ClassPrompt: unknown categories {unknown}; this prompt knows {self.categories}"
             )
-        return torch.tensor([self.index[c] for c in categories], dtype=torch.long, device=self.prompts.device)
 
     def learned_for(self, categories: list[str]) -> Tensor:
         """Theta(c(I)) for each image category: (B, 75, D)."""
-        return self.prompts[self.category_indices(categories)]
+        self.require_known(categories)
+        return torch.stack([self.prompts[self.index[name]] for name in categories])
+
+    def state_for(self, learned: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A state dict of this module from category -> learned vectors (75, D), one tensor per category."""
+        return {f"{CLASS_PARAMETERS}.{i}": learned[name] for i, name in enumerate(self.categories)}
+
+    def upgrade_state(self, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+        """Tensors saved before one parameter per category (``prompts`` stacked (C, 75, D) in sorted category
+        order) as this module's per-category tensors; anything else is returned unchanged."""
+        stacked = tensors.get(CLASS_PARAMETERS)
+        if stacked is None or set(tensors) != {CLASS_PARAMETERS}:
+            return tensors
+        if stacked.ndim != 3 or stacked.shape[0] != len(self.categories):
+            raise ValueError(
+                f"{where}: stacked Class prompt {tuple(stacked.shape)} does not have one row per category of "
+                f"its sidecar ({len(self.categories)}: {self.categories})"
+            )
+        return self.state_for(dict(zip(self.categories, stacked.unbind(0), strict=True)))
 
     def sidecar(self) -> dict[str, Any]:
-        """Sidecar fields, with the sorted category list that orders the ``prompts`` rows."""
+        """Sidecar fields, with the sorted category list (the names of the ``prompts.<category>`` tensors)."""
         return {**super().sidecar(), "categories": list(self.categories)}
 
 
@@ -287,8 +364,11 @@ class ConditionalPromptModule(LearnedPrompt):
     """SD4Match-CPM (Sec. 3.3, Fig. 2): a global prompt followed by a prompt conditioned on DINOv2 features.
 
     theta_cond = (p(g_n(g_d(F))) + Omega_pos) * tanh(Omega_alpha), the authors' code (protocol.md), which
-    produced the paper's numbers; the paper writes F_hat * Omega_alpha + Omega_pos. Without the global
-    prompt (Fig. 3a case 5) theta_cond has n_global + n_cond = 75 rows so all 77 positions stay occupied.
+    produced the paper's numbers; the paper writes F_hat * Omega_alpha + Omega_pos. The Fig. 3a variants are
+    the authors' modules: individual images' patch tokens go through g_d and the pooling p only; a global
+    descriptor (one token) through g_d only, broadcast over the n_cond positions; g_n exists only where
+    ``CPMConfig.use_gn`` says (by default pair + local). Without the global prompt (case 5) the n_cond
+    conditional vectors are followed by EOS and padding (``tail_embeddings``).
     """
 
     variant: ClassVar[str] = "cpm"
@@ -298,14 +378,16 @@ class ConditionalPromptModule(LearnedPrompt):
     def __init__(
         self, text_encoder: nn.Module, tokenizer: Any, config: CPMConfig | None = None, seed: int = 0
     ) -> None:
-        super().__init__(text_encoder, tokenizer, seed)
-        self.config = CPMConfig() if config is None else config
-        cfg = self.config
-        if cfg.n_global + cfg.n_cond != self.n_learned:
+        cfg = CPMConfig() if config is None else config
+        available = sequence_length(text_encoder) - 2
+        if cfg.learned_length > available:
+            used = f"CPMConfig.n_global ({cfg.n_global}) + " if cfg.global_prompt else ""
             raise ValueError(
-                f"CPMConfig.n_global ({cfg.n_global}) + CPMConfig.n_cond ({cfg.n_cond}) must equal the "
-                f"{self.n_learned} learned positions of the text encoder"
+                f"{used}CPMConfig.n_cond ({cfg.n_cond}) exceed the {available} learned positions of the text "
+                "encoder"
             )
+        super().__init__(text_encoder, tokenizer, seed, learned_length=cfg.learned_length)
+        self.config = cfg
         width = self.hidden_size
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -333,15 +415,18 @@ class ConditionalPromptModule(LearnedPrompt):
         return value if cfg.features == "local" else value.unsqueeze(1)
 
     def condition(self, inputs: Tensor) -> Tensor:
-        """theta_cond (B, n_cond, D) from the fused or single-image features (B, N, C)."""
+        """theta_cond (B, n_cond, D) from the fused or single-image features (B, N, C): patch tokens are
+        max-pooled to n_cond, a global descriptor's one token is broadcast over the n_cond positions."""
         hidden = self.g_d(inputs)
         if self.g_n is not None:
             hidden = self.g_n(hidden.transpose(1, 2)).transpose(1, 2)
-        pooled = F.adaptive_max_pool1d(hidden.transpose(1, 2), self.config.cond_length).transpose(1, 2)
-        return (pooled + self.omega_pos) * torch.tanh(self.omega_alpha)
+        if self.config.features == "local":
+            hidden = F.adaptive_max_pool1d(hidden.transpose(1, 2), self.config.cond_length).transpose(1, 2)
+        return (hidden + self.omega_pos) * torch.tanh(self.omega_alpha)
 
     def assemble(self, cond: Tensor) -> Tensor:
-        """``[SOS, theta_global, theta_cond, EOS]`` (B, 77, D)."""
+        """``[SOS, theta_global, theta_cond, EOS]`` (B, 77, D); without the global prompt
+        ``[SOS, theta_cond, EOS, padding]``."""
         if self.global_prompt is None:
             return self.frame(cond)
         head = self.global_prompt.unsqueeze(0).expand(cond.shape[0], -1, -1)
@@ -493,16 +578,42 @@ def module_from_sidecar(
         raise ValueError(f"{where}: cannot rebuild the prompt module ({error})") from error
 
 
+def upgrade_cpm_sidecar(data: dict[str, Any], tensors: Mapping[str, Tensor], where: str) -> dict[str, Any]:
+    """The sidecar of a CPM saved before case 5 followed the authors' code (no global prompt: n_global +
+    n_cond conditional vectors filled all 75 positions) rewritten to describe that module exactly
+    (``n_cond`` = its conditional length); any other sidecar is returned unchanged."""
+    cpm = data.get("cpm")
+    omega = tensors.get("omega_pos")
+    if data.get("variant") != "cpm" or not isinstance(cpm, dict) or cpm.get("global_prompt") is not False:
+        return data
+    if omega is None or omega.ndim != 2 or omega.shape[0] == cpm.get("n_cond"):
+        return data
+    if omega.shape[0] != cpm.get("n_global", 0) + cpm.get("n_cond", 0):
+        return data
+    log.warning(
+        "%s: CPM without global prompt saved with %d conditional vectors (the earlier case-5 layout); loaded "
+        "as n_cond=%d, exactly the module it was trained as",
+        where,
+        omega.shape[0],
+        omega.shape[0],
+    )
+    return {**data, "cpm": {**cpm, "n_cond": int(omega.shape[0])}}
+
+
 def load_prompt(
     path: str | Path, text_encoder: nn.Module, tokenizer: Any
 ) -> tuple[LearnedPrompt, dict[str, Any]]:
-    """Rebuild a saved prompt module from its sidecar and load its weights strictly: (module, metadata)."""
+    """Rebuild a saved prompt module from its sidecar and load its weights strictly: (module, metadata).
+
+    Files of earlier layouts load as the module they were trained as: a Class prompt stacked in one tensor
+    (``ClassPrompt.upgrade_state``) and a CPM without global prompt of 75 conditional vectors
+    (``upgrade_cpm_sidecar``).
+    """
     source = Path(path)
     _require_suffix(source)
     if not source.is_file():
         raise FileNotFoundError(f"prompt file {source} does not exist")
     data = read_sidecar(source)
-    module = module_from_sidecar(data, text_encoder, tokenizer, str(sidecar_path(source)))
     try:
         tensors = load_file(str(source))
     except (SafetensorError, OSError) as error:
@@ -510,6 +621,9 @@ def load_prompt(
     bad = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
     if bad:
         raise ValueError(f"prompt file {source}: parameters {bad} hold NaN/inf values; retrain the prompt")
+    data = upgrade_cpm_sidecar(data, tensors, str(source))
+    module = module_from_sidecar(data, text_encoder, tokenizer, str(sidecar_path(source)))
+    tensors = module.upgrade_state(tensors, f"prompt file {source}")
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as error:

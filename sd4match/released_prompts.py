@@ -188,8 +188,9 @@ def single_state(module: SinglePrompt, learned: Tensor) -> dict[str, Tensor]:
 
 
 def class_state(module: ClassPrompt, learned: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """ClassPrompt state dict from category -> learned rows (75, D), in the module's category order."""
-    return {"prompts": torch.stack([learned[category] for category in module.categories])}
+    """ClassPrompt state dict from the release's category -> learned rows (75, D): one tensor per category
+    (``prompts.<category>``), as the authors' ``{<category>: T}`` file and their training hold them."""
+    return module.state_for(learned)
 
 
 def cpm_state(module: ConditionalPromptModule, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:

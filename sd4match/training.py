@@ -123,15 +123,24 @@ def require_frozen(modules: Mapping[str, nn.Module]) -> None:
 
 
 def default_accelerator(settings: TrainSettings) -> Any:
-    """The accelerator of a plain run: CUDA with the settings' mixed precision where available, else CPU."""
+    """The accelerator of a plain run: CUDA with the settings' mixed precision where available, else CPU.
+
+    A Class prompt has one parameter per category and a batch uses only some of them: DDP is told so
+    (``find_unused_parameters``); a category unused on every process keeps no gradient, as in one process.
+    """
     from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
     processes = PartialState(cpu=not cuda).num_processes
+    handlers = (
+        [DistributedDataParallelKwargs(find_unused_parameters=True)] if settings.variant == "class" else []
+    )
     return Accelerator(
         cpu=not cuda,
         mixed_precision=ACCELERATE_PRECISION[settings.precision] if cuda else "no",
         gradient_accumulation_steps=settings.accumulation_steps(processes),
+        kwargs_handlers=handlers,
     )
 
 
@@ -290,7 +299,8 @@ class PromptTrainer:
         )
 
     def train_step(self, step: int) -> float:
-        """One optimiser step over ``batch_size`` pairs; returns the batch's mean loss (all processes)."""
+        """One optimiser step: ``batch_size`` pairs drawn, chunk j (``per_device_batch`` pairs) on process
+        j mod P; with ``authors_code`` only chunk 0 is trained on. Returns the mean loss (all processes)."""
         s, acc = self.settings, self.accelerator
         indices = self.sampler.take(s.batch_size)
         step_seed = int(torch.randint(0, SEED_MODULUS, (1,), generator=self.generator))
@@ -364,6 +374,9 @@ class PromptTrainer:
             "step": p.best_step,
             "val_pck": p.best_val_pck,
             "val_pairs": len(data.val),
+            "val_timestep": self.settings.val_timestep,
+            "effective_batch": self.settings.effective_batch,  # pairs one step's gradient averaged
+            "batch_semantics": self.settings.batch_semantics,
             "steps_done": p.step,
             "skipped_steps": len(p.skipped_steps),
             "train_hash": self.train_hash(),
@@ -390,11 +403,11 @@ class PromptTrainer:
             self.save_checkpoint()
 
     def log_start(self) -> None:
-        """What the run trains on and how the batch is split (main process)."""
+        """What the run trains on, how the batch is split and which batch a step averages (main process)."""
         s = self.settings
         log.info(
             "SD4Match-%s: %d training pairs, %d validation pairs, %d steps of %d pairs (%d process(es) x "
-            "%d accumulation x %d), validation every %d steps, from step %d (identity %s)",
+            "%d accumulation x %d), validation every %d steps at t=%d, from step %d (identity %s)",
             s.variant,
             len(self.train_pairs),
             len(self.data.val_pairs),
@@ -404,9 +417,18 @@ class PromptTrainer:
             self.accumulation,
             s.per_device_batch,
             self.val_interval,
+            s.val_timestep,
             self.progress.step,
             self.train_hash(),
         )
+        if s.batch_semantics == "authors_code":
+            log.info(
+                "batch_semantics authors_code: each step draws %d pairs and trains on the first %d only "
+                "(rank 0's copy of the authors' run, whose DDP averaging was bypassed); effective batch %d",
+                s.batch_size,
+                s.per_device_batch,
+                s.effective_batch,
+            )
 
     def run(self, stop_after: int | None = None) -> TrainResult:
         """Train from an interrupted run's checkpoint (or from scratch) to ``settings.steps``, save the best
@@ -504,6 +526,11 @@ def launch(job_path: str | os.PathLike[str], n_gpus: int) -> TrainResult | None:
     """Run the job on ``n_gpus`` GPUs (the rule's gpu resource): ``accelerate launch`` when n_gpus > 1 and
     CUDA is available, else in this process. Returns the result of an in-process run."""
     job = read_job(job_path)
+    if n_gpus > 1 and job.settings.batch_semantics == "authors_code":
+        raise ValueError(
+            f"launch {job_path}: batch_semantics 'authors_code' trains one copy in one process (rank 0 of "
+            f"the authors' run), but the job was given {n_gpus} GPUs; set the config's gpu.train to 1"
+        )
     if n_gpus > 1 and torch.cuda.is_available():
         visible = torch.cuda.device_count()
         if visible < n_gpus:

@@ -16,6 +16,12 @@ from sd4match.io import write_json_atomic
 from sd4match.prompt_learning import VARIANTS
 
 PRECISIONS = ("fp16", "bf16", "fp32")
+# What one optimiser step averages the gradient over (docs/TRAINING.md): "paper", batch_size pairs (the paper
+# text's batch 9); "authors_code", per_device_batch pairs: the released scripts' DDP is bypassed, each of the
+# 3 GPUs trained its own copy on its 3 pairs and rank 0's copy was validated and saved. A run with
+# "authors_code" is that rank-0 copy: the pair stream and epochs of the 3-GPU run, the first
+# per_device_batch pairs of each step's batch_size, in one process.
+BATCH_SEMANTICS = ("paper", "authors_code")
 VAL_EPOCH = "epoch"
 CHECKPOINT_NAME = "checkpoint.pt"
 JOB_NAME = "job.json"
@@ -26,6 +32,9 @@ RESERVED_METADATA = (
     "step",
     "val_pck",
     "val_pairs",
+    "val_timestep",
+    "effective_batch",
+    "batch_semantics",
     "steps_done",
     "skipped_steps",
     "train_hash",
@@ -62,9 +71,12 @@ def _positive_number(value: Any) -> bool:
 class TrainSettings:
     """Hyper-parameters of one prompt-tuning run (paper Sec. 4.1); the defaults are the paper's.
 
-    ``batch_size`` is the number of pairs per optimiser step over all processes and gradient-accumulation
-    steps: ``batch_size = per_device_batch x num_processes x accumulation``. ``val_every`` is a number of
-    steps or ``"epoch"`` (one pass over the training pairs, the authors' choice).
+    ``batch_size`` is the number of pairs drawn per step; with ``batch_semantics="paper"`` every one of them
+    enters the step's gradient, over all processes and gradient-accumulation steps (``batch_size =
+    per_device_batch x num_processes x accumulation``); with ``"authors_code"`` only the first
+    ``per_device_batch`` do (rank 0's share of the authors' 3-GPU run, one process). ``val_every`` is a
+    number of steps or ``"epoch"`` (ceil(N / batch_size) steps, the authors' choice); validation runs at
+    ``val_timestep`` (261, the training timestep, as the authors validate).
     """
 
     variant: str
@@ -86,6 +98,7 @@ class TrainSettings:
     image_size: int = 768
     precision: str = "fp16"
     gradient_checkpointing: bool = False
+    batch_semantics: str = "paper"
 
     def __post_init__(self) -> None:
         bad = self._bad_fields()
@@ -124,10 +137,25 @@ class TrainSettings:
             bad.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.gradient_checkpointing, bool):
             bad.append(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
+        if self.batch_semantics not in BATCH_SEMANTICS:
+            bad.append(f"batch_semantics must be one of {BATCH_SEMANTICS}, got {self.batch_semantics!r}")
         return bad
 
+    @property
+    def effective_batch(self) -> int:
+        """Pairs whose gradient one optimiser step averages: batch_size (paper) or per_device_batch."""
+        return self.batch_size if self.batch_semantics == "paper" else self.per_device_batch
+
     def accumulation_steps(self, num_processes: int) -> int:
-        """Gradient-accumulation steps A with ``batch_size = per_device_batch x num_processes x A``."""
+        """Gradient-accumulation steps A with ``batch_size = per_device_batch x num_processes x A`` (paper);
+        1 for ``authors_code``, which trains one copy in one process."""
+        if self.batch_semantics == "authors_code":
+            if num_processes != 1:
+                raise ValueError(
+                    f"TrainSettings: batch_semantics 'authors_code' trains one copy (rank 0 of the authors' "
+                    f"run) in one process, not {num_processes}; set the config's gpu.train to 1"
+                )
+            return 1
         per_round = self.per_device_batch * num_processes
         if num_processes < 1 or self.batch_size % per_round:
             raise ValueError(

@@ -464,7 +464,7 @@ def train_work(job: DagJob, ctx: Context) -> JobWork:
     arch, size = ctx.arch(ctx.config["sd4match"]["model"]), settings.image_size
     trainset = job.wildcards["trainset"]
     pairs = settings.per_device_batch
-    chunks = settings.steps * settings.batch_size // pairs
+    chunks = settings.steps * settings.effective_batch // pairs  # authors_code: one chunk per step
     prompts = distinct_prompts(settings.variant, cpm, pairs) if ctx.code.train_text_dedup else 2 * pairs
     chunk_flops = meter.train_chunk(arch, size, settings.variant, cpm, pairs, prompts)
     work.gpu("train micro-batches", chunks, chunk_flops)

@@ -1,6 +1,7 @@
 """The benchmark entry reports passes exactly (timings are reported, never asserted); the projection's job
 list, counts and work model, checked against the DAG, the official lists and the code's own network calls."""
 
+import dataclasses
 import json
 
 import pytest
@@ -146,10 +147,11 @@ def test_the_job_list_is_the_dag_of_the_config(paper_dag):
         if job.gpu:
             gpu_rules[job.rule] = gpu_rules.get(job.rule, 0) + 1
     assert gpu_rules == {
-        # dift, dino, dinov2, sddino on 3 sets; dift_empty and the 3 SD+DINO* rows on SPair; 11 DIFT timesteps
-        "evaluate_zero_shot": 4 * 3 + 1 + 3 + 11,
+        # dift, dino, dinov2, sddino on 3 sets; dift_empty and the 3 SD+DINO* rows on SPair; 10 DIFT timesteps
+        # (Fig. 3b's t=261 point is the main DIFT job), 10 SD4Match ones (its t=50 point is evaluate_prompt)
+        "evaluate_zero_shot": 4 * 3 + 1 + 3 + 10,
         "evaluate_prompt": 18,
-        "evaluate_prompt_timestep": 11,
+        "evaluate_prompt_timestep": 10,
         "train_prompt": 10,
         "latent_cache": 2,
         "dino_cache": 5,
@@ -163,11 +165,9 @@ def test_the_job_list_is_the_dag_of_the_config(paper_dag):
     assert sddino.params["method"]["kind"] == "sd_dino" and sddino.params["method"]["image_size"] == 960
     demo_config, demo_jobs = P.dag_jobs(["config.yaml", "profiles/demo/world.yaml"])
     assert demo_config["image_size"] == 128
-    assert sorted(j.wildcards["t"] for j in demo_jobs if j.rule == "evaluate_prompt_timestep") == [
-        "261",
-        "50",
-    ]
-    assert len(demo_jobs) != len(jobs)  # the demo adds its world's rules and sweeps two timesteps
+    assert [j.wildcards["t"] for j in demo_jobs if j.rule == "evaluate_prompt_timestep"] == ["261"]
+    # the demo adds its world's rules and sweeps two timesteps (its t=50 point reused)
+    assert len(demo_jobs) != len(jobs)
 
 
 def test_sd_dino_passes_per_spair_job_before_and_after(paper_dag):
@@ -207,6 +207,11 @@ def test_evaluation_and_training_work_of_the_paper(paper_dag):
         _context(config, W.CODE_PRESETS["issue9"]),
     )
     assert dedup.passes["text"] == 90_000 * 1 + 6 * 1 and "score pairs" not in dedup.cpu_s
+    # batch_semantics authors_code (rank 0's copy of the authors' run): one micro-batch of 3 pairs per step
+    job = by_label["train_prompt[seed=0,trainset=spair,variant=single]"]
+    settings = {**job.params["settings"], "batch_semantics": "authors_code"}
+    authors = W.job_work(dataclasses.replace(job, params={**job.params, "settings": settings}), ctx)
+    assert authors.passes["train micro-batches"] == 30_000 and authors.passes["unet"] == 30_000 * 6 + 6 * 322
     fig4 = W.job_work(by_label["fig4"], ctx)
     assert fig4.passes == {"unet (full)": 8 * 2 * 50 * 2, "vae decoder": 16, "text": 9}
     assert W.validations(30_000, 5_927) == 6 and W.validations(4, 2) == 2

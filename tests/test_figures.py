@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from matplotlib.colors import to_hex
 from matplotlib.patches import Circle
 from PIL import Image
@@ -103,12 +104,19 @@ def test_fig3a_rejects_unknown_duplicated_or_unscored_cases():
 
 def test_fig3a_case_of_cpm_designs():
     assert fig3a_case({"condition": "pair", "features": "local", "global_prompt": True, "use_gn": True}) == 1
-    assert fig3a_case({"kind": "cpm", "features": "global"}) == 2
+    assert fig3a_case({"kind": "cpm", "features": "global"}) == 2  # no g_n: the authors' module
+    assert fig3a_case({"features": "global", "use_gn": False}) == 2
     assert fig3a_case({"condition": "individual"}) == 3
     assert fig3a_case({"condition": "individual", "features": "global"}) == 4
     assert fig3a_case({"global_prompt": False}) == 5
     assert fig3a_case({"use_gn": False}) == 6
-    assert fig3a_case({"condition": "individual", "use_gn": False}) is None
+    assert fig3a_case({"condition": "individual", "use_gn": True}) is None  # g_n the authors never had
+    assert fig3a_case({"features": "global", "use_gn": True}) is None
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    variants = config["sd4match"]["variants"]
+    assert {case: fig3a_case(variants[v]) for case, v in config["fig3a"]["cases"].items()} == {
+        case: case for case in range(1, 7)
+    }
 
 
 def test_fig3a_figure_bars_labels_and_titles():
@@ -142,57 +150,114 @@ def test_fig3a_writes_png_and_pdf(tmp_path):
 
 FIG3B_ROWS = pd.DataFrame(
     {
-        "method": ["DIFT", "SD4Match", "SD4Match", "DIFT", "SD4Match"],
-        "timestep": [261, 261, 50, 50, 0],
-        "pck": [52.9, 72.0, 75.5, 50.0, 70.25],
+        "method": ["DIFT", "SD4Match", "SD4Match", "DIFT", "SD4Match", "DIFT"],
+        "matching": ["nn", "kernel_softmax", "kernel_softmax", "nn", "kernel_softmax", "kernel_softmax"],
+        "timestep": [261, 261, 50, 50, 0, 261],
+        "pck": [52.9, 72.0, 75.5, 50.0, 70.25, 49.5],
+        "reported": [True, True, True, True, True, False],
     }
+)
+FIG3B_CAPTION = (
+    "Protocol: PCK@0.1 per image, SPair-71k test. Solid: the matching each method's tables report "
+    "(DIFT: nn; SD4Match: kernel_softmax); dashed: the other matching, for comparison."
 )
 
 
 def test_fig3b_table_holds_exactly_the_input_rows(tmp_path):
     table = fig3b_timesteps(FIG3B_ROWS, tmp_path / "b.png", tmp_path / "b.pdf", demo=False)
     assert table.to_dict("records") == [
-        {"method": "DIFT", "timestep": 50, "pck": 50.0},
-        {"method": "DIFT", "timestep": 261, "pck": 52.9},
-        {"method": "SD4Match", "timestep": 0, "pck": 70.25},
-        {"method": "SD4Match", "timestep": 50, "pck": 75.5},
-        {"method": "SD4Match", "timestep": 261, "pck": 72.0},
+        {"method": "DIFT", "matching": "nn", "timestep": 50, "pck": 50.0, "reported": True},
+        {"method": "DIFT", "matching": "nn", "timestep": 261, "pck": 52.9, "reported": True},
+        {"method": "DIFT", "matching": "kernel_softmax", "timestep": 261, "pck": 49.5, "reported": False},
+        {"method": "SD4Match", "matching": "kernel_softmax", "timestep": 0, "pck": 70.25, "reported": True},
+        {"method": "SD4Match", "matching": "kernel_softmax", "timestep": 50, "pck": 75.5, "reported": True},
+        {"method": "SD4Match", "matching": "kernel_softmax", "timestep": 261, "pck": 72.0, "reported": True},
     ]
     assert_written(tmp_path / "b.png", tmp_path / "b.pdf", (8.0, 5.0))
 
 
-def test_fig3b_figure_lines_and_marked_timesteps():
-    fig = build_fig3b(fig3b_table(FIG3B_ROWS), demo=True, matching="kernel_softmax")
+def test_fig3b_figure_lines_labelled_by_matching_and_marked_timesteps():
+    fig = build_fig3b(fig3b_table(FIG3B_ROWS), demo=True)
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert lines["SD4Match"].get_xdata().tolist() == [0, 50, 261]
-    assert lines["SD4Match"].get_ydata().tolist() == [70.25, 75.5, 72.0]
-    assert lines["DIFT"].get_ydata().tolist() == [50.0, 52.9]
-    assert lines["SD4Match"].get_marker() != "None" and lines["DIFT"].get_marker() != "None"
+    ours, dift = lines["SD4Match, kernel_softmax"], lines["DIFT, nn"]
+    other = lines["DIFT, kernel_softmax (not its tables' matching)"]
+    assert ours.get_xdata().tolist() == [0, 50, 261] and ours.get_ydata().tolist() == [70.25, 75.5, 72.0]
+    assert dift.get_ydata().tolist() == [50.0, 52.9] and other.get_ydata().tolist() == [49.5]
+    assert (dift.get_linestyle(), other.get_linestyle(), ours.get_linestyle()) == ("-", "--", "-")
+    assert dift.get_color() == other.get_color() != ours.get_color()
+    assert ours.get_marker() != "None" and dift.get_marker() != "None"
     assert list(lines["training t = 261"].get_xdata()) == [261, 261]
     assert list(lines["test t = 50"].get_xdata()) == [50, 50]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["DIFT", "SD4Match", "training t = 261", "test t = 50"]
+    assert legend == [
+        "DIFT, nn",
+        "DIFT, kernel_softmax (not its tables' matching)",
+        "SD4Match, kernel_softmax",
+        "training t = 261",
+        "test t = 50",
+    ]
     assert ax.get_xlabel().startswith("timestep t")
     assert ax.get_ylabel() == "PCK@0.1 per image (%)"
-    assert fig.get_suptitle().startswith(DEMO_BANNER) and PROTOCOL in fig.get_supxlabel()
+    assert fig.get_suptitle().startswith(DEMO_BANNER)
+    assert " ".join(fig.get_supxlabel().split()) == FIG3B_CAPTION
 
 
 def test_fig3b_rejects_bad_rows(tmp_path):
     with pytest.raises(ValueError, match="lack columns"):
         fig3b_timesteps(FIG3B_ROWS.drop(columns="pck"), tmp_path / "b.png", tmp_path / "b.pdf", demo=False)
     duplicated = pd.concat([FIG3B_ROWS, FIG3B_ROWS.head(1)])
-    with pytest.raises(ValueError, match=r"duplicated \(method, timestep\)"):
+    with pytest.raises(ValueError, match=r"duplicated \(method, matching, timestep\)"):
         fig3b_timesteps(duplicated, tmp_path / "b.png", tmp_path / "b.pdf", demo=False)
+    two_reported = FIG3B_ROWS.assign(reported=True)
+    with pytest.raises(ValueError, match=r"one reported matching; several for \['DIFT'\]"):
+        fig3b_timesteps(two_reported, tmp_path / "b.png", tmp_path / "b.pdf", demo=False)
     assert not (tmp_path / "b.png").exists()
 
 
-def test_timestep_rows_from_summaries():
-    rows = timestep_rows({("SD4Match", 50): summary([4, 2]), ("DIFT", 50): summary([1, 1])}, "kernel_softmax")
+def test_timestep_rows_score_each_method_as_its_tables_do():
+    """DIFT by nearest neighbour (Tables 1-3), SD4Match by kernel-softmax; each also in the other one."""
+    summaries = {("SD4Match", 50): summary([4, 2], nn_correct=1), ("DIFT", 50): summary([1, 1], nn_correct=3)}
+    matchings = {"SD4Match": ["kernel_softmax", "nn"], "DIFT": ["nn", "kernel_softmax"]}
+    rows = timestep_rows(summaries, matchings)
     assert rows.to_dict("records") == [
-        {"method": "DIFT", "timestep": 50, "pck": 25.0},
-        {"method": "SD4Match", "timestep": 50, "pck": 75.0},
+        {"method": "DIFT", "matching": "nn", "timestep": 50, "pck": 75.0, "reported": True},
+        {"method": "DIFT", "matching": "kernel_softmax", "timestep": 50, "pck": 25.0, "reported": False},
+        {"method": "SD4Match", "matching": "kernel_softmax", "timestep": 50, "pck": 75.0, "reported": True},
+        {"method": "SD4Match", "matching": "nn", "timestep": 50, "pck": 25.0, "reported": False},
     ]
+    same = timestep_rows(summaries, {"SD4Match": ["nn", "nn"], "DIFT": ["nn"]})  # one line each
+    assert same["matching"].tolist() == ["nn", "nn"] and same["reported"].all()
+    with pytest.raises(ValueError, match=r"no matching given for \['DIFT'\]"):
+        timestep_rows(summaries, {"SD4Match": ["nn"]})
+
+
+def test_make_fig3b_scores_dift_by_nearest_neighbour(tmp_path):
+    from sd4match.paper_figures import make_fig3b
+    from sd4match.reporting import Provenance
+
+    paths = {}
+    for name, (ks, nn) in {"ours": ([4, 4], 2), "dift": ([0, 2], 4)}.items():
+        paths[name] = tmp_path / f"{name}.csv"
+        summary(ks, nn_correct=nn).to_csv(paths[name], index=False)
+    prov = Provenance("abc", {}, "sd4match test", False, "protocol")
+    out = tmp_path / "out"
+    table = make_fig3b(
+        {50: str(paths["ours"])},
+        {261: str(paths["dift"])},
+        ("SD4Match (cpm)", "dift (zero-shot)"),
+        ("kernel_softmax", "nn"),
+        str(out / "b.png"),
+        str(out / "b.pdf"),
+        str(out / "b.csv"),
+        str(out / "b.md"),
+        prov,
+    )
+    reported = table[table["reported"]].set_index("method")
+    assert reported.loc["dift (zero-shot)", ["matching", "pck"]].tolist() == ["nn", 100.0]
+    assert reported.loc["SD4Match (cpm)", ["matching", "pck"]].tolist() == ["kernel_softmax", 100.0]
+    assert pd.read_csv(out / "b.csv")["pck"].tolist() == table["pck"].tolist()
+    assert "| dift (zero-shot) | nn | 261 |" in (out / "b.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------

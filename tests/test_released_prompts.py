@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from sd4match.caches import build_dino_cache, cache_meta
 from sd4match.data_sources import DatasetLocation, write_location
@@ -183,10 +184,16 @@ def test_imported_class_prompt_gives_each_categorys_file_sequence(tiny, tmp_path
     _import(
         tiny, _release_dir(tmp_path, {f"{CLASS.name}/caption.pt": torch_bytes(payload)}), tmp_path / "out"
     )
-    module, meta = load_prompt(tmp_path / "out/spair/class/prompt.safetensors", tiny["te"], tiny["tok"])
+    path = tmp_path / "out/spair/class/prompt.safetensors"
+    module, meta = load_prompt(path, tiny["te"], tiny["tok"])
     order = ["train", "aeroplane", "cat", "train"]
     assert torch.equal(module.prompt_for_images(order), torch.cat([payload[c] for c in order]))
     assert module.categories == sorted(SPAIR_CATEGORIES)
+    # one tensor per category on disk (index in the sorted list): each the released sequence's 75 learned rows
+    saved = load_file(path)
+    assert sorted(saved) == sorted(f"prompts.{i}" for i in range(18))
+    for i, category in enumerate(sorted(SPAIR_CATEGORIES)):
+        assert torch.equal(saved[f"prompts.{i}"], payload[category][0, 1:76])
 
 
 def _authors_cpm(weights: dict[str, torch.Tensor], sos, eos, src: torch.Tensor, trg: torch.Tensor):

@@ -52,6 +52,7 @@ from sd4match.training import (
     train_prompt,
     write_job,
 )
+from sd4match.training_data import SEED_MODULUS
 
 S = 128  # 8 x 8 feature grid with the tiny UNet
 SPEC = DemoWorldSpec(
@@ -159,6 +160,42 @@ def test_settings_validation_names_bad_fields() -> None:
         TrainSettings(variant="single", val_every="week")
     assert TrainSettings(variant="single").validation_interval(2940) == 327  # ceil(2940 / 9)
     assert TrainSettings(variant="single", val_every=50).validation_interval(2940) == 50
+    with pytest.raises(ValueError, match=r"batch_semantics must be one of \('paper', 'authors_code'\)"):
+        TrainSettings(variant="single", batch_semantics="ddp")
+
+
+def test_model_selection_defaults_are_the_authors() -> None:
+    """The authors validate with the training settings: t = 261 (ensemble 1 and NN PCK@0.1 are the
+    Validator's, see test_validation_equals_the_test_time_evaluation), whole val split, once per epoch."""
+    settings = TrainSettings(variant="cpm")
+    assert (settings.val_timestep, settings.timestep, settings.val_every, settings.val_max_pairs) == (
+        261,
+        261,
+        "epoch",
+        None,
+    )
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    training_config = config["sd4match"]["training"]
+    assert TrainSettings.from_dict({**training_config, "variant": "cpm"}, "config.yaml") == replace(
+        settings, steps=30000, checkpoint_every=500, log_every=50
+    )
+
+
+def test_batch_semantics_authors_code_is_rank_0_of_the_authors_run() -> None:
+    """The authors' 3 GPUs each trained their own copy on 3 pairs per step (DDP bypassed): one process, one
+    chunk of per_device_batch pairs per step, the same pair stream and epochs as the paper setting."""
+    paper = TrainSettings(variant="single")
+    authors = TrainSettings(variant="single", batch_semantics="authors_code")
+    assert (paper.effective_batch, authors.effective_batch) == (9, 3)
+    assert authors.accumulation_steps(1) == 1
+    with pytest.raises(
+        ValueError, match=r"'authors_code' trains one copy .* not 3; set the config's gpu.train"
+    ):
+        authors.accumulation_steps(3)
+    # validated once per epoch of the authors' run: 53,340 SPair pairs / (3 GPUs x 3 pairs) = 5,927 steps
+    assert authors.validation_interval(53_340) == paper.validation_interval(53_340) == 5_927
 
 
 def test_job_json_round_trip_and_checks(world: dict, tmp_path: Path) -> None:
@@ -258,10 +295,11 @@ def test_resume_after_kill_equals_uninterrupted_run(world: dict, tmp_path: Path,
     assert again == resumed
 
 
-@pytest.mark.parametrize("variant", ["single", "cpm"])
+@pytest.mark.parametrize("variant", ["single", "class", "cpm"])
 def test_two_processes_equal_one_process_with_accumulation(world: dict, tmp_path: Path, variant: str) -> None:
     """DDP over 2 CPU processes (gloo, torchrun) and 1 process x 2 accumulation steps draw the same pairs,
-    latents and noise, so they train the same prompt."""
+    latents and noise, so they train the same prompt (Class: a category in neither process's pair keeps no
+    gradient, as in one process; DDP is told some parameters go unused)."""
     settings = dict(steps=4, per_device_batch=1)
     one = make_job(world, tmp_path / "one", variant, trn="trn4.parquet", **settings)
     two = make_job(world, tmp_path / "two", variant, trn="trn4.parquet", **settings)
@@ -276,6 +314,50 @@ def test_two_processes_equal_one_process_with_accumulation(world: dict, tmp_path
     a, b = load_file(one.output), load_file(two.output)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert pd.read_csv(one.curve).equals(pd.read_csv(two.curve))
+
+
+def test_authors_code_step_is_rank_0s_step_of_the_authors_run(world: dict, tmp_path: Path) -> None:
+    """batch_semantics authors_code: a step draws batch_size pairs like the paper setting and trains on the
+    first per_device_batch of them (rank 0's share, its chunk seed), one Adam step on their loss alone."""
+    settings = dict(batch_size=2, per_device_batch=1, batch_semantics="authors_code")
+    trainer = PromptTrainer(make_job(world, tmp_path / "a", **settings))
+    reference = PromptTrainer(make_job(world, tmp_path / "b", **settings))
+    assert trainer.accumulation == 1
+    trainer.train_step(1)
+    first = PairSampler(len(reference.train_pairs), 0).take(2)[0]
+    step_seed = int(torch.randint(0, SEED_MODULUS, (1,), generator=torch.Generator().manual_seed(0)))
+    loss = reference.chunk_loss([reference.train_pairs[first]], torch.Generator().manual_seed(step_seed))
+    loss.backward()
+    reference.optimizer.step()
+    trained = dict(trainer.prompt_module.named_parameters())
+    by_hand = dict(reference.prompt_module.named_parameters())
+    assert trained.keys() == by_hand.keys() and all(torch.equal(trained[k], by_hand[k]) for k in trained)
+    initial = dict(
+        PromptTrainer(make_job(world, tmp_path / "c", **settings)).prompt_module.named_parameters()
+    )
+    assert not all(torch.equal(trained[k], initial[k]) for k in trained)
+
+
+def test_authors_code_run_sees_rank_0s_share_of_each_step(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[str]] = []
+    real = PromptTrainer.chunk_loss
+
+    def spy(self: PromptTrainer, pairs, generator):
+        seen.append([pair.pair_id for pair in pairs])
+        return real(self, pairs, generator)
+
+    monkeypatch.setattr(PromptTrainer, "chunk_loss", spy)
+    settings = dict(steps=3, batch_size=2, per_device_batch=1, val_every=3, checkpoint_every=3)
+    job = make_job(world, tmp_path, **settings, batch_semantics="authors_code")
+    trainer = PromptTrainer(job)
+    trainer.run()
+    order = PairSampler(len(trainer.train_pairs), 0).take(6)
+    assert seen == [[trainer.train_pairs[order[i]].pair_id] for i in (0, 2, 4)]
+    assert trainer.sampler.state_dict()["position"] == 6  # the whole 3-GPU stream was drawn
+    with pytest.raises(ValueError, match=r"'authors_code' trains one copy .* given 2 GPUs"):
+        launch(write_job(job), n_gpus=2)
 
 
 def test_changed_settings_refuse_the_checkpoint(world: dict, tmp_path: Path) -> None:
@@ -629,21 +711,26 @@ def test_validation_picks_the_best_step_and_the_prompt_reloads(
         meta["config_hash"] == "abc123" and meta["variant"] == "class" and meta["training_set"] == "pfpascal"
     )
     assert (meta["step"], meta["val_pck"], meta["steps_done"], meta["val_pairs"]) == (4, 30.0, 6, 4)
+    assert (meta["val_timestep"], meta["effective_batch"], meta["batch_semantics"]) == (261, 2, "paper")
     assert meta["sd_model"]["revision"] and meta["dinov2_model"] is None
     monkeypatch.setattr(PromptTrainer, "validate", lambda self: 0.0)
     short = make_job(world, tmp_path / "short", "class", steps=4)
     train_prompt(short)  # the same trajectory stopped at step 4
     at_step_4 = torch.load(short.checkpoint_path, weights_only=True)["prompt"]
-    assert torch.equal(module.prompts, at_step_4["prompts"])
+    assert sorted(at_step_4) == ["prompts.0", "prompts.1"]  # aeroplane, car: one tensor per category
+    assert all(torch.equal(p, at_step_4[f"prompts.{i}"]) for i, p in enumerate(module.prompts))
 
 
 def test_validation_equals_the_test_time_evaluation(world: dict, tmp_path: Path) -> None:
-    trainer = PromptTrainer(make_job(world, tmp_path, val_timestep=50))
+    """Model selection scores the prompt as the test-time evaluation would at the authors' validation
+    settings: t = 261 (the default), ensemble 1, nearest neighbour, PCK@0.1, every val pair."""
+    trainer = PromptTrainer(make_job(world, tmp_path))
+    assert trainer.settings.val_timestep == 261
     pck = trainer.validate()
     assert trainer.validate() == pck  # deterministic
     featurizer = SDFeaturizer(world["components"])
     features_for = sd_text_prompt_features(
-        featurizer, trainer.prompt_module, world["base"] / "root", S, 50, 1, seed=0
+        featurizer, trainer.prompt_module, world["base"] / "root", S, 261, 1, seed=0
     )
     per_pair = evaluate_pairs(world["val"], features_for, MatchingSettings(S, ("nn",), (0.1,)))
     assert pck == pytest.approx(per_pair["pck"].mean(), abs=1e-9)

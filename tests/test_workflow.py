@@ -59,13 +59,16 @@ PAPER_JOBS = {
     "fetch_captioner": 1,
     "resolve_model": 5,  # SD 2-1, SD 1-5, DINOv2, DINO, CLIP ViT-L/14-336
     "pairs_table": 7,  # three test splits + SPair and PF-Pascal trn/val
-    # DIFT x3, DIFT-empty, DINO x3, DINOv2 x3, SD+DINO x3, SD+DINO* x3 (Table 1), DIFT at 11 t (Fig. 3b)
-    "evaluate_zero_shot": 27,
+    # DIFT x3, DIFT-empty, DINO x3, DINOv2 x3, SD+DINO x3, SD+DINO* x3 (Table 1), DIFT at 10 t (Fig. 3b):
+    # Fig. 3b's DIFT point at t=261 is the main DIFT SPair job (same method, prompt, ensemble, seed), reused
+    "evaluate_zero_shot": 26,
     "latent_cache": 2,  # SPair, PF-Pascal (trn + val images)
     "dino_cache": 5,  # trn+val of the two training sets, test of the three test sets (CPM)
     "train_prompt": 10,  # SPair: Single, Class, CPM + 5 Fig. 3a cases; PF-Pascal: Single, CPM
     "evaluate_prompt": 18,  # 4 runs x 3 test sets + Class on SPair + 5 ablations on SPair
-    "evaluate_prompt_timestep": 11,  # Fig. 3b grid
+    # Fig. 3b grid of 11 t but t=50: that point is the main SPair-71k evaluation of spair/cpm
+    # (evaluate_prompt: same prompt, seed, ensemble, matching), reused rather than run twice
+    "evaluate_prompt_timestep": 10,
     "table_zero_shot_dift": 1,
     "table1": 1,
     "table2": 1,
@@ -88,9 +91,10 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     counts = dry_run(
         "-d", str(empty_workdir), "--configfile", "config.yaml", "profiles/demo/world.yaml", cwd=empty_workdir
     )
-    # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 2 timesteps; it
-    # trains spair/single with a second seed (seeds_per_run), evaluated on the three test sets
-    demo = PAPER_JOBS | {"evaluate_zero_shot": 27 - 9, "evaluate_prompt_timestep": 2}
+    # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 2 timesteps
+    # (50, 261: SD4Match's t=50 and DIFT's t=261 points are the main evaluations, so one job of each sweep
+    # runs); it trains spair/single with a second seed (seeds_per_run), evaluated on the three test sets
+    demo = PAPER_JOBS | {"evaluate_zero_shot": 26 - 9, "evaluate_prompt_timestep": 1}
     demo |= {"train_prompt": 10 + 1, "evaluate_prompt": 18 + 3}
     demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1}
     assert counts == demo | {"total": sum(demo.values())}
@@ -144,8 +148,9 @@ def test_one_ablation_target_plans_only_its_jobs(empty_workdir: Path):
 
 def test_seeds_multiply_training_runs_and_their_evaluations(empty_workdir: Path):
     counts = dry_run("-d", str(empty_workdir), "--config", "seeds=[0, 1, 2]", cwd=empty_workdir)
-    # every training run, its evaluations and the Fig. 3b sweep three times; zero-shot and figures once
-    tripled = {"train_prompt": 30, "evaluate_prompt": 54, "evaluate_prompt_timestep": 33}
+    # every training run, its evaluations and the Fig. 3b sweep (10 t, t=50 reused) three times; zero-shot and
+    # figures once
+    tripled = {"train_prompt": 30, "evaluate_prompt": 54, "evaluate_prompt_timestep": 30}
     assert counts == PAPER_JOBS | tripled | {"total": sum((PAPER_JOBS | tripled).values())}
 
 
@@ -170,6 +175,46 @@ def test_one_seed_of_one_run_is_its_own_target(empty_workdir: Path):
     for bad in ("seeds=[]", "seeds=[0, 0]", "seeds=[-1]"):
         result = snakemake("-n", "-d", str(empty_workdir), "--config", bad, cwd=empty_workdir)
         assert result.returncode != 0 and "key 'seeds" in result.stdout + result.stderr, bad
+
+
+def test_fig3b_reuses_the_main_evaluations(empty_workdir: Path):
+    """Fig. 3b's SD4Match t=50 point is the main spair/cpm SPair evaluation and its DIFT t=261 point the main
+    DIFT SPair evaluation: the figure reads those files, and no sweep job recomputes them."""
+    result = snakemake("-n", "-d", str(empty_workdir), "fig3b", cwd=empty_workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    planned = result.stdout + result.stderr
+    assert "results/sd4match/spair/cpm/seed0/spair/summary.csv" in planned
+    assert "results/zero_shot/dift/spair/summary.csv" in planned
+    assert "results/timesteps/spair/cpm/seed0/spair_t100/summary.csv" in planned
+    assert "results/zero_shot/dift_t100/spair/summary.csv" in planned
+    for duplicate in ("spair_t50/", "dift_t261/"):
+        assert duplicate not in planned, duplicate
+    counts = job_counts(planned)
+    assert counts["evaluate_prompt_timestep"] == 10 and counts["evaluate_zero_shot"] == 11
+    assert counts["evaluate_prompt"] == 1  # the main spair/cpm SPair evaluation
+
+
+def params_block(rule: str, text: str) -> list[str]:
+    """The lines of a rule's params: block in a .smk file."""
+    body = text.split(f"rule {rule}:", 1)[1].split("\nrule ", 1)[0]
+    params = body.split("    params:\n", 1)[1].split("    script:", 1)[0]
+    return [line.strip() for line in params.splitlines() if line.strip()]
+
+
+def test_timestep_evaluation_differs_from_the_main_one_only_in_its_timestep():
+    """What makes reusing the main evaluation for Fig. 3b's t=50 point exact: the two rules run the same
+    script on the same inputs with the same params but the evaluation timestep."""
+    text = (REPO / "rules/sd4match.smk").read_text()
+    main, sweep = params_block("evaluate_prompt", text), params_block("evaluate_prompt_timestep", text)
+    assert 'evaluation=lambda wc: SD4["evaluation"] | {"timestep": int(wc.t)},' in sweep
+    assert [line for line in sweep if not line.startswith("evaluation=")] == [
+        line for line in main if not line.startswith("evaluation=")
+    ]
+    assert 'evaluation=SD4["evaluation"],' in main
+    for rule in ("evaluate_prompt", "evaluate_prompt_timestep"):
+        body = text.split(f"rule {rule}:", 1)[1]
+        assert body.split("input:", 1)[1].split("output:", 1)[0].strip() == "unpack(evaluate_prompt_inputs),"
+        assert '"../workflow_scripts/evaluate_prompt.py"' in body.split("\nrule ", 1)[0]
 
 
 def test_named_table_target_plans_no_training(empty_workdir: Path):
