@@ -423,7 +423,7 @@ def test_projection_cli_on_the_demo_config(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (
         "## Projection, code paths: before" in printed
-        and "train_prompt[trainset=spair,variant=cpm]" in printed
+        and "train_prompt[seed=0,trainset=spair,variant=cpm]" in printed
     )
 
 
