@@ -146,8 +146,9 @@ def test_the_job_list_is_the_dag_of_the_config(paper_dag):
         if job.gpu:
             gpu_rules[job.rule] = gpu_rules.get(job.rule, 0) + 1
     assert gpu_rules == {
-        # dift, dino, dinov2, sddino on 3 sets; dift_empty and the 3 SD+DINO* rows on SPair; 11 DIFT timesteps
-        "evaluate_zero_shot": 4 * 3 + 1 + 3 + 11,
+        # dift, dino, dinov2, sddino on 3 sets; dift_empty and 3 SD+DINO* rows on SPair; 11 DIFT timesteps;
+        # issue 10: dift_orig (DIFT's own protocol) and sddino_squashed (the 768 frame) on 3 sets
+        "evaluate_zero_shot": 4 * 3 + 1 + 3 + 11 + 2 * 3,
         "evaluate_prompt": 18,
         "evaluate_prompt_timestep": 11,
         "train_prompt": 10,
