@@ -936,3 +936,95 @@ def test_write_table_writes_html_and_caption_when_asked(tmp_path: Path) -> None:
     )
     assert "<td>82.2</td>" in paths["html"].read_text()
     assert paths["rst"].read_text() == reporting.caption_rst(_provenance(False))
+
+
+# ------------------------------------------------------------- issue 10: each row's protocol, like for like
+
+PEER_METHODS = {
+    "dift_orig": {"kind": "sd", "protocol": "original"},
+    "sddino": {"kind": "sd_dino", "protocol": "padded", "image_size": 960, "dino_image_size": 840},
+    "dift": {"kind": "sd"},
+    "sddino_squashed": {"kind": "sd_dino", "image_size": 960, "dino_image_size": 840},
+}
+
+
+def _sd_dino_summary() -> pd.DataFrame:
+    """SPair summary (nn, alpha 0.1): category i has i + 1 pairs and per-keypoint PCK 10 + i; per-image PCK
+    and the pooled All differ, so only sd-dino's estimator gives its numbers."""
+    rows = [
+        {
+            "category": c,
+            "method": "nn",
+            "alpha": 0.1,
+            "n_pairs": i + 1,
+            "n_kps": 10,
+            "pck_per_image": 0.0,
+            "pck_per_keypoint": 10.0 + i,
+        }  # fmt: skip
+        for i, c in enumerate(SPAIR_CATEGORIES)
+    ]
+    rows.append({"category": "All", "method": "nn", "alpha": 0.1, "n_pairs": 171, "n_kps": 180,
+                 "pck_per_image": 0.0, "pck_per_keypoint": 99.0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_table2_puts_each_peer_by_its_own_protocol_beside_the_paper(tmp_path: Path) -> None:
+    categories = (*SPAIR_CATEGORIES, "All")
+    paths = {m: tmp_path / f"{m}.csv" for m in PEER_METHODS}
+    _sd_dino_summary().to_csv(paths["sddino"], index=False)
+    for method, value in {"dift_orig": 50.0, "dift": 30.0, "sddino_squashed": 45.0}.items():
+        _both_matchings(value, (0.1,), categories).to_csv(paths[method], index=False)
+    protocols = reporting.zero_shot_protocols(PEER_METHODS)
+    # the tables' zero-shot matching is kernel-softmax here: the peers' own protocols keep their NN
+    table = reporting.table2_from_files(paths, {}, VARIANTS, "kernel_softmax", "kernel_softmax", protocols)
+    zero_shot = table[table["group"] == "Z"]
+    assert [tuple(r) for r in zero_shot[["method", "source", "matching", "pck", "protocol"]].to_numpy()] == [
+        ("DINO [3]", "paper", "", "as reported", "unstated"),
+        ("DINOv2 [41]", "paper", "", "as reported", "unstated"),
+        ("DIFT", "ours", "nn", "per image", "original frame (DIFT's eval)"),
+        ("DIFT [50]", "paper", "", "per image", "DIFT's eval (SPair-71k); PF: unstated"),
+        ("ours − paper", "delta", "nn", "per image", "original frame (DIFT's eval)"),
+        ("SD+DINO", "ours", "nn", "per keypoint; All = categories weighted by pairs",
+         "padded 840×840 (sd-dino's eval)"),
+        ("SD+DINO [55]", "paper", "", "per keypoint; All = categories weighted by pairs",
+         "sd-dino's eval, padded 840×840 (SPair-71k, PF-Pascal); PF-Willow: unstated"),
+        ("ours − paper", "delta", "nn", "per keypoint; All = categories weighted by pairs",
+         "padded 840×840 (sd-dino's eval)"),
+        ("DIFT", "ours", "kernel_softmax", "per image", "squashed frame"),  # the 768 rows: no paper number
+        ("SD+DINO", "ours", "kernel_softmax", "per image", "squashed frame"),
+    ]  # fmt: skip
+    sddino = zero_shot.iloc[5]
+    assert [sddino[h] for h in PAPER_HEADERS] == [10.0 + i for i in range(18)]  # per keypoint per category
+    # sum_k k (9 + k) / sum_k k over k = 1..18 = (9 * 171 + 2109) / 171 = 64 / 3 (pooled: 99, per image: 0)
+    assert sddino["All"] == pytest.approx(64 / 3, abs=1e-12)
+    assert zero_shot.iloc[7]["All"] == pytest.approx(64 / 3 - 59.3, abs=1e-12)
+    assert list(zero_shot["All"].iloc[[2, 8, 9]]) == [40.0, 30.0, 45.0]  # NN of dift_orig: 50 - 10
+
+
+def test_table3_and_the_zero_shot_dift_table_name_each_protocol(tmp_path: Path) -> None:
+    summaries = {"dift_orig": _summaries(), "dift": _summaries()}
+    protocols = reporting.zero_shot_protocols(PEER_METHODS)
+    table = reporting.zero_shot_dift_table(summaries, protocols, "kernel_softmax", ("nn",))
+    assert [tuple(r) for r in table[["source", "matching", "pck", "protocol"]].to_numpy()] == [
+        ("ours", "nn", "per image", "original frame (DIFT's eval)"),  # DIFT's own protocol: NN only
+        ("paper", "", "per image", "DIFT's eval (SPair-71k); PF: unstated"),
+        ("delta", "nn", "per image", "original frame (DIFT's eval)"),
+        ("ours", "nn", "per keypoint", "original frame (DIFT's eval)"),
+        ("ours", "kernel_softmax", "per image", "squashed frame"),  # the 768 row: every matching, no paper
+        ("ours", "kernel_softmax", "per keypoint", "squashed frame"),
+        ("ours", "nn", "per image", "squashed frame"),
+    ]
+    assert table.iloc[0]["PF-Pascal@0.1"] == 1.0 and table.iloc[4]["PF-Pascal@0.1"] == 50.0
+    with pytest.raises(ValueError, match="zero-shot method 'dift_t50' has no table row"):
+        reporting.zero_shot_dift_table({"dift_t50": _summaries()}, protocols, "nn")
+    paths = {}
+    for method in ("dift_orig", "dift"):
+        for dataset, summary in _summaries().items():
+            paths[f"{method}/{dataset}"] = tmp_path / f"{method}_{dataset}.csv"
+            summary.to_csv(paths[f"{method}/{dataset}"], index=False)
+    table3 = reporting.table3_from_files(paths, [], {}, VARIANTS, "kernel_softmax", "nn", protocols)
+    ours = table3[table3["source"] == "ours"]
+    assert list(zip(ours["method"], ours["protocol"], strict=True)) == [
+        ("DIFT", "original frame (DIFT's eval)"), ("DIFT", "squashed frame")
+    ]  # fmt: skip
+    assert (table3["source"] == "delta").sum() == 1
