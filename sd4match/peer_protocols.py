@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,29 +139,47 @@ def upsampled_norms(feature: Tensor, size: tuple[int, int], chunk: int = NORM_CH
     return total.sqrt()
 
 
-def original_frame_cosine(desc: Tensor, trg_feature: Tensor, size: tuple[int, int]) -> Tensor:
+def original_frame_cosine(
+    desc: Tensor, trg_feature: Tensor, size: tuple[int, int], norms: Tensor | None = None
+) -> Tensor:
     """Cosine maps (K, H, W) of unit descriptors (K, C) with the target map upsampled to ``size``.
 
     Exact without the (C, H, W) map: bilinear upsampling is linear, so ``<desc, up(F)> = up(<desc, F>)``; it
-    is divided by ``upsampled_norms`` (floored at ``NORM_EPS``, as ``F.normalize``).
+    is divided by ``upsampled_norms`` (given, or computed here; floored at ``NORM_EPS``, as ``F.normalize``).
     """
     with ieee_fp32_matmul(trg_feature.device):
         dots = torch.einsum("kc,chw->khw", desc.float(), trg_feature.float())
     up = F.interpolate(dots[None], size=size, mode="bilinear")[0]
-    return up / upsampled_norms(trg_feature, size).clamp_min(NORM_EPS)
+    norms = upsampled_norms(trg_feature, size) if norms is None else norms
+    return up / norms.clamp_min(NORM_EPS)
 
 
-@dataclass(frozen=True)
+@dataclass
 class OriginalFrameScorer:
     """DIFT's own evaluation of one pair from its raw feature maps (C, h, w): original frame, nearest
-    neighbour over every pixel of the target, ``d / theta <= alpha``."""
+    neighbour over every pixel of the target, ``d / theta <= alpha``.
+
+    The target's full-resolution norm map is computed once per target image and kept while the pairs of one
+    category are scored (``frames.evaluate_with_scorer`` goes category by category).
+    """
 
     alphas: tuple[float, ...]
+    _norms: dict[tuple[str, str, bool], Tensor] = field(default_factory=dict, repr=False)
+
+    def target_norms(self, row: Any, trg_feature: Tensor, size: tuple[int, int]) -> Tensor:
+        """``upsampled_norms`` of the pair's target image, cached per category."""
+        key = (row.category, row.trg_image, bool(row.flip))
+        if key not in self._norms:
+            if any(cached[0] != row.category for cached in self._norms):
+                self._norms.clear()
+            self._norms[key] = upsampled_norms(trg_feature, size)
+        return self._norms[key]
 
     def __call__(self, row: Any, src_feature: Tensor, trg_feature: Tensor) -> list[PairScore]:
         targets = original_targets(row)
+        size = (int(row.trg_height), int(row.trg_width))
         desc = pixel_centre_descriptors(src_feature.float(), targets[0], row.src_width, row.src_height)
-        cosine = original_frame_cosine(desc, trg_feature, (int(row.trg_height), int(row.trg_width)))
+        cosine = original_frame_cosine(desc, trg_feature, size, self.target_norms(row, trg_feature, size))
         prediction = nearest_neighbour(cosine).cpu()
         return score_targets(row, targets, {"nn": prediction}, self.alphas, rule="ratio_le")
 

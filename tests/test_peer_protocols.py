@@ -42,7 +42,8 @@ from sd4match.table_protocols import (
 
 def _row(**fields):
     """A pairs-table row (attribute access, as ``itertuples``) with defaults for the unused fields."""
-    base = {"pair_id": "p", "category": "cat", "flip": False, "src_bbox": None, "trg_bbox": None}
+    base = {"pair_id": "p", "category": "cat", "flip": False, "src_bbox": None, "trg_bbox": None,
+            "src_image": "s.png", "trg_image": "t.png"}  # fmt: skip
     return SimpleNamespace(**(base | fields))
 
 
@@ -298,3 +299,19 @@ def test_category_weighted_pck_is_sd_dinos_all():
     with pytest.raises(ValueError, match="summary spair: no category rows for method='nn', alpha=0.05"):
         category_weighted_pck(summary, "nn", 0.05, "spair")
     assert math.isclose(category_weighted_pck(summary, "kernel_softmax", 0.1, "x"), 10.0)
+
+
+def test_original_frame_scorer_computes_a_targets_norm_map_once_per_category(monkeypatch):
+    import sd4match.peer_protocols as P
+
+    calls = []
+    real = P.upsampled_norms
+    monkeypatch.setattr(P, "upsampled_norms", lambda f, size, chunk=64: calls.append(size) or real(f, size))
+    row = _row(src_width=9, src_height=15, trg_width=9, trg_height=15, src_kps=[[4.0, 7.0]],
+               trg_kps=[[4.0, 7.0]], trg_bbox=[0.0, 0.0, 10.0, 5.0], threshold_kind="bbox",
+               trg_image="t.png")  # fmt: skip
+    scorer = OriginalFrameScorer((0.1,))
+    first = scorer(row, _peak_map(), _peak_map())
+    assert scorer(row, _peak_map(), _peak_map()) == first and calls == [(15, 9)]  # reused: same target
+    scorer(_row(**{**vars(row), "category": "dog"}), _peak_map(), _peak_map())
+    assert calls == [(15, 9), (15, 9)] and len(scorer._norms) == 1  # a new category drops the old maps
