@@ -148,8 +148,9 @@ def test_the_job_list_is_the_dag_of_the_config(paper_dag):
             gpu_rules[job.rule] = gpu_rules.get(job.rule, 0) + 1
     assert gpu_rules == {
         # dift, dino, dinov2, sddino on 3 sets; dift_empty and the 3 SD+DINO* rows on SPair; 10 DIFT timesteps
-        # (Fig. 3b's t=261 point is the main DIFT job), 10 SD4Match ones (its t=50 point is evaluate_prompt)
-        "evaluate_zero_shot": 4 * 3 + 1 + 3 + 10,
+        # (Fig. 3b's t=261 point is the main DIFT job), 10 SD4Match ones (its t=50 point is evaluate_prompt);
+        # issue 10: dift_orig (DIFT's own protocol) and sddino_squashed (the 768 frame) on 3 sets
+        "evaluate_zero_shot": 4 * 3 + 1 + 3 + 10 + 2 * 3,
         "evaluate_prompt": 18,
         "evaluate_prompt_timestep": 10,
         "train_prompt": 10,

@@ -60,8 +60,9 @@ PAPER_JOBS = {
     "resolve_model": 5,  # SD 2-1, SD 1-5, DINOv2, DINO, CLIP ViT-L/14-336
     "pairs_table": 7,  # three test splits + SPair and PF-Pascal trn/val
     # DIFT x3, DIFT-empty, DINO x3, DINOv2 x3, SD+DINO x3, SD+DINO* x3 (Table 1), DIFT at 10 t (Fig. 3b):
-    # Fig. 3b's DIFT point at t=261 is the main DIFT SPair job (same method, prompt, ensemble, seed), reused
-    "evaluate_zero_shot": 26,
+    # Fig. 3b's DIFT point at t=261 is the main DIFT SPair job (same method, prompt, ensemble, seed), reused;
+    # issue 10: + DIFT by its own protocol x3 (dift_orig) + SD+DINO in the 768 frame x3 (sddino_squashed)
+    "evaluate_zero_shot": 26 + 6,
     "latent_cache": 2,  # SPair, PF-Pascal (trn + val images)
     "dino_cache": 5,  # trn+val of the two training sets, test of the three test sets (CPM)
     "train_prompt": 10,  # SPair: Single, Class, CPM + 5 Fig. 3a cases; PF-Pascal: Single, CPM
@@ -94,7 +95,7 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 2 timesteps
     # (50, 261: SD4Match's t=50 and DIFT's t=261 points are the main evaluations, so one job of each sweep
     # runs); it trains spair/single with a second seed (seeds_per_run), evaluated on the three test sets
-    demo = PAPER_JOBS | {"evaluate_zero_shot": 26 - 9, "evaluate_prompt_timestep": 1}
+    demo = PAPER_JOBS | {"evaluate_zero_shot": 32 - 9, "evaluate_prompt_timestep": 1}
     demo |= {"train_prompt": 10 + 1, "evaluate_prompt": 18 + 3}
     demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1}
     assert counts == demo | {"total": sum(demo.values())}
@@ -576,8 +577,15 @@ def test_demo_dag_runs_end_to_end(demo_project: Path):
     table2 = pd.read_csv(out / "tables/table2.csv")
     assert {"ours", "paper", "delta", "quoted"} <= set(table2["source"])
     ours = table2[table2["source"] == "ours"]
-    assert list(ours["method"]) == ["DINO", "DINOv2", "DIFT", "SD+DINO", "SD4Match-Single", "SD4Match-Class",
-                                    "SD4Match-CPM"]  # fmt: skip
+    # issue 10: DIFT and SD+DINO by their own protocols beside the paper's numbers, then in the 768 frame
+    assert list(ours["method"]) == ["DINO", "DINOv2", "DIFT", "SD+DINO", "DIFT", "SD+DINO", "SD4Match-Single",
+                                    "SD4Match-Class", "SD4Match-CPM"]  # fmt: skip
+    assert list(ours["protocol"]) == [
+        "squashed frame", "squashed frame", "original frame (DIFT's eval)", "padded 112×112 (sd-dino's eval)",
+        *["squashed frame"] * 5,
+    ]  # fmt: skip
+    # a delta for each zero-shot peer by its own protocol and each SD4Match variant; the 768 rows get none
+    assert (table2["source"] == "delta").sum() == 4 + 3
     assert not table2["method"].str.contains(r"\((?:nn|kernel_softmax|soft_argmax)\)").any()
     table3 = pd.read_csv(out / "tables/table3.csv")
     tuned = table3[(table3["source"] == "ours") & (table3["group"] == "K")]

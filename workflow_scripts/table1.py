@@ -8,7 +8,8 @@ from sd4match.reporting import table1, write_table
 
 with log_to(snakemake.log[0]):  # noqa: F821
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-    table = table1({key: pd.read_csv(path) for key, path in p.cells.items()}, matching=p.matching)
+    summaries = {key: pd.read_csv(path) for key, path in p.cells.items()}
+    table = table1(summaries, matching=p.matching, protocols=p.protocols)
     prov = build_provenance(record_paths=i.models, **p.provenance)
     write_table(
         table,

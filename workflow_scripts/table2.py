@@ -6,7 +6,9 @@ from sd4match.reporting import table2_from_files, write_table
 
 with log_to(snakemake.log[0]):  # noqa: F821
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-    table = table2_from_files(p.zero_shot, p.sd4match, p.variants, p.matching, p.zero_shot_matching)
+    table = table2_from_files(
+        p.zero_shot, p.sd4match, p.variants, p.matching, p.zero_shot_matching, p.zero_shot_protocols
+    )
     prov = build_provenance(record_paths=i.models, **p.provenance)
     write_table(
         table,
