@@ -42,13 +42,18 @@ def matching_settings(matching: dict[str, Any], alphas: list[float], image_size:
     )
 
 
-def _sd_features(method, records, root, image_size, features, seed, device):
+def _sd_features(method, records, root, image_size, features, seed, device, pairs, latent_cache):
+    """DIFT's FeatureFn; ``latent_cache`` is (cache path or None, pairs table path)."""
+    from sd4match.evaluation import open_test_latents
     from sd4match.features import load_sd_featurizer
 
     featurizer = load_sd_featurizer(read_model_record(records["model"]).local_path, features, device)
     prompt = TextPrompt(method["prompt"], featurizer.text_encoder, featurizer.tokenizer)
+    latents = open_test_latents(
+        latent_cache[0], records["model"], image_size, featurizer, pairs, latent_cache[1]
+    )
     return sd_text_prompt_features(
-        featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed
+        featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed, latents
     )
 
 
@@ -117,14 +122,20 @@ def run_zero_shot(
     summary_out: str | Path,
     captioner_path: str | Path | None = None,
     captioner_cfg: dict[str, Any] | None = None,
+    latent_cache_path: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Evaluate one zero-shot method on one test set; ``records`` maps model roles to model-record files."""
+    """Evaluate one zero-shot method on one test set; ``records`` maps model roles to model-record files.
+
+    ``latent_cache_path`` (kind sd, DIFT): the test split's latent cache, read instead of running the VAE.
+    """
     pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
     root = read_location(location_path).root
     settings = matching_settings(matching, alphas, image_size)
     log.info("zero-shot %s on %s: %d pairs", method, pairs_path, len(pairs))
     if method["kind"] == "sd":
-        feature_fn = _sd_features(method, records, root, image_size, features, seed, device)
+        feature_fn = _sd_features(
+            method, records, root, image_size, features, seed, device, pairs, (latent_cache_path, pairs_path)
+        )
         per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
     elif method["kind"] == "vit":
         feature_fn = _vit_features(method, records, root, features, device)
