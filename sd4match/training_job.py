@@ -17,6 +17,7 @@ from sd4match.prompt_learning import VARIANTS
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 VAL_EPOCH = "epoch"
+AUTO = "auto"  # per_device_batch chosen from the device's memory (sd4match.training_memory)
 CHECKPOINT_NAME = "checkpoint.pt"
 JOB_NAME = "job.json"
 # Metadata keys the trainer writes into the saved prompt's sidecar; job.metadata must not use them.
@@ -63,14 +64,16 @@ class TrainSettings:
     """Hyper-parameters of one prompt-tuning run (paper Sec. 4.1); the defaults are the paper's.
 
     ``batch_size`` is the number of pairs per optimiser step over all processes and gradient-accumulation
-    steps: ``batch_size = per_device_batch x num_processes x accumulation``. ``val_every`` is a number of
-    steps or ``"epoch"`` (one pass over the training pairs, the authors' choice).
+    steps: ``batch_size = per_device_batch x num_processes x accumulation``. ``per_device_batch`` is a number
+    or ``"auto"`` (the largest that fits the device, ``training_memory.resolve_per_device_batch``); it never
+    changes the result. ``val_every`` is a number of steps or ``"epoch"`` (one pass over the training pairs,
+    the authors' choice).
     """
 
     variant: str
     steps: int = 30000
     batch_size: int = 9
-    per_device_batch: int = 3
+    per_device_batch: int | str = 3
     lr: float = 1e-2
     lr_linear: float = 1e-3
     timestep: int = 261
@@ -91,7 +94,7 @@ class TrainSettings:
         bad = self._bad_fields()
         if bad:
             raise ValueError("TrainSettings: " + "; ".join(bad))
-        if self.batch_size % self.per_device_batch:
+        if self.per_device_batch != AUTO and self.batch_size % self.per_device_batch:
             raise ValueError(
                 f"TrainSettings: batch_size ({self.batch_size}) must be a multiple of per_device_batch "
                 f"({self.per_device_batch})"
@@ -102,9 +105,13 @@ class TrainSettings:
         bad = []
         if self.variant not in VARIANTS:
             bad.append(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        for name in ("steps", "batch_size", "per_device_batch", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not _positive_int(getattr(self, name)):
                 bad.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.per_device_batch != AUTO and not _positive_int(self.per_device_batch):
+            bad.append(
+                f"per_device_batch must be a positive integer or {AUTO!r}, got {self.per_device_batch!r}"
+            )
         for name in ("lr", "lr_linear", "temperature", "sigma"):
             if not _positive_number(getattr(self, name)):
                 bad.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
@@ -126,8 +133,22 @@ class TrainSettings:
             bad.append(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
         return bad
 
+    def pairs_per_process(self, num_processes: int) -> int:
+        """Pairs each process computes per optimiser step: ``batch_size / num_processes``."""
+        if not _positive_int(num_processes) or self.batch_size % num_processes:
+            raise ValueError(
+                f"TrainSettings: batch_size ({self.batch_size}) must be split evenly over num_processes "
+                f"({num_processes})"
+            )
+        return self.batch_size // num_processes
+
     def accumulation_steps(self, num_processes: int) -> int:
         """Gradient-accumulation steps A with ``batch_size = per_device_batch x num_processes x A``."""
+        if self.per_device_batch == AUTO:
+            raise ValueError(
+                "TrainSettings: per_device_batch is 'auto': choose it for the device first "
+                "(sd4match.training_memory.resolve_per_device_batch)"
+            )
         per_round = self.per_device_batch * num_processes
         if num_processes < 1 or self.batch_size % per_round:
             raise ValueError(

@@ -56,8 +56,9 @@ CHECKPOINT_KEYS = (
 )
 CURVE_COLUMNS = ("step", "loss", "val_pck")
 # Settings that do not change what a run computes; a checkpoint stays valid when they change (gradient
-# checkpointing only trades memory for time: a run killed by an out-of-memory error can resume with it).
-BOOKKEEPING_SETTINGS = ("checkpoint_every", "log_every", "gradient_checkpointing")
+# checkpointing and the pairs per call only trade memory for time: a run killed by an out-of-memory error can
+# resume with gradient checkpointing or fewer pairs per call, a run moved to a larger GPU with more).
+BOOKKEEPING_SETTINGS = ("checkpoint_every", "log_every", "gradient_checkpointing", "per_device_batch")
 # Identity entries shown setting by setting when they differ; the others are content digests or models.
 ITEMISED = ("settings", "cpm")
 IDENTITY_HASH_LENGTH = 16
