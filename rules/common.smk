@@ -162,6 +162,18 @@ def latent_cache(dataset):
     return f"{OUT}/cache/latents/{dataset}_trnval.safetensors"
 
 
+def test_latent_cache(dataset, model):
+    """VAE posteriors of a test split's images under SD model `model`, read by every evaluation of the split."""
+    return f"{OUT}/cache/latents/{dataset}_test_{model}.safetensors"
+
+
+# What the test latents depend on besides the model and the image size: how the evaluations load the VAE.
+VAE_ENCODER = {
+    "precision": config["features"]["precision"],
+    "channels_last": config["features"].get("channels_last", False),
+}
+
+
 def dino_cache(dataset, part):
     return f"{OUT}/cache/dinov2/{dataset}_{part}.safetensors"
 
@@ -227,6 +239,7 @@ def evaluate_prompt_inputs(wildcards):
         "pairs": pairs_table(wildcards.dataset, "test"),
         "data": fetch_record(wildcards.dataset),
         "sd_model": model_record(SD4["model"]),
+        "latent_cache": test_latent_cache(wildcards.dataset, SD4["model"]),
     }
     if variant_kind(wildcards.variant) == "cpm":
         inputs["dino_cache"] = dino_cache(wildcards.dataset, "test")
@@ -259,6 +272,9 @@ def zero_shot_inputs(wildcards):
         "data": fetch_record(wildcards.dataset),
         "model": model_record(method["model"]),
     }
+    if method["kind"] == "sd" and method.get("protocol", "squashed") == "squashed":
+        # DIFT in the S x S frame reads the test split's VAE posteriors (its own protocol encodes its own resize)
+        inputs["latent_cache"] = test_latent_cache(wildcards.dataset, method["model"])
     if method.get("dino_model"):
         inputs["dino_model"] = model_record(method["dino_model"])
     if method.get("prompt") == "implicit":
@@ -545,6 +561,7 @@ def released_eval_inputs(wildcards):
         "pairs": pairs_table(wildcards.dataset, "test"),
         "data": fetch_record(wildcards.dataset),
         "sd_model": model_record(SD4["model"]),
+        "latent_cache": test_latent_cache(wildcards.dataset, SD4["model"]),
     }
     if wildcards.released_variant == "cpm":
         inputs["dino_cache"] = dino_cache(wildcards.dataset, "test")

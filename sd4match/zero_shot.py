@@ -60,15 +60,25 @@ def matching_settings(matching: dict[str, Any], alphas: list[float], image_size:
     )
 
 
-def _sd_features(method, records, root, image_size, features, seed, device):
-    """DIFT's features: normalised maps of the S x S image, or (protocol ``original``) DIFT's raw maps."""
+def _sd_features(method, records, root, image_size, features, seed, device, pairs, latent_cache):
+    """DIFT's features: normalised maps of the S x S image (latents from the test split's cache, ``latent_cache``
+    = (cache path or None, pairs table path)), or (protocol ``original``) DIFT's raw maps of its own resize."""
+    from sd4match.evaluation import open_test_latents
     from sd4match.features import load_sd_featurizer
     from sd4match.peer_protocols import dift_feature_fn
 
     featurizer = load_sd_featurizer(read_model_record(records["model"]).local_path, features, device)
     prompt = TextPrompt(method["prompt"], featurizer.text_encoder, featurizer.tokenizer)
-    extract = dift_feature_fn if method_protocol(method) == "original" else sd_text_prompt_features
-    return extract(featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed)
+    if method_protocol(method) == "original":  # DIFT's own resize and a VAE sample per ensemble copy
+        return dift_feature_fn(
+            featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed
+        )
+    latents = open_test_latents(
+        latent_cache[0], records["model"], image_size, featurizer, pairs, latent_cache[1]
+    )
+    return sd_text_prompt_features(
+        featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed, latents
+    )
 
 
 def _vit_model(method, records, features, device):
@@ -148,9 +158,11 @@ def run_zero_shot(
     summary_out: str | Path,
     captioner_path: str | Path | None = None,
     captioner_cfg: dict[str, Any] | None = None,
+    latent_cache_path: str | Path | None = None,
 ) -> pd.DataFrame:
     """Evaluate one zero-shot method on one test set (its ``protocol``, module docstring); ``records`` maps
-    model roles to model-record files."""
+    model roles to model-record files. ``latent_cache_path`` (DIFT in the squashed frame): the test split's
+    latent cache, read instead of running the VAE."""
     from sd4match.frames import evaluate_with_scorer
     from sd4match.peer_protocols import PEER_METHODS, OriginalFrameScorer, PaddedFrameScorer
 
@@ -163,7 +175,9 @@ def run_zero_shot(
                  PEER_METHODS)  # fmt: skip
     log.info("zero-shot %s on %s: %d pairs", method, pairs_path, len(pairs))
     if method["kind"] == "sd":
-        feature_fn = _sd_features(method, records, root, image_size, features, seed, device)
+        feature_fn = _sd_features(
+            method, records, root, image_size, features, seed, device, pairs, (latent_cache_path, pairs_path)
+        )
         if protocol == "original":
             per_pair = evaluate_with_scorer(pairs, feature_fn, OriginalFrameScorer(tuple(alphas)), device)
         else:

@@ -64,6 +64,8 @@ PAPER_JOBS = {
     # issue 10: + DIFT by its own protocol x3 (dift_orig) + SD+DINO in the 768 frame x3 (sddino_squashed)
     "evaluate_zero_shot": 26 + 6,
     "latent_cache": 2,  # SPair, PF-Pascal (trn + val images)
+    # VAE posteriors of the three test splits under SD 2-1: every SD4Match and DIFT evaluation reads them
+    "test_latent_cache": 3,
     "dino_cache": 5,  # trn+val of the two training sets, test of the three test sets (CPM)
     "train_prompt": 10,  # SPair: Single, Class, CPM + 5 Fig. 3a cases; PF-Pascal: Single, CPM
     "evaluate_prompt": 18,  # 4 runs x 3 test sets + Class on SPair + 5 ablations on SPair
@@ -109,8 +111,9 @@ def test_one_target_plans_only_its_jobs(empty_workdir: Path):
         "fetch_dataset": 1,
         "resolve_model": 1,
         "pairs_table": 1,
+        "test_latent_cache": 1,  # DIFT reads PF-Willow's test latents
         "evaluate_zero_shot": 1,
-        "total": 4,
+        "total": 5,
     }
 
 
@@ -126,9 +129,10 @@ def test_one_training_run_plans_only_its_jobs(empty_workdir: Path):
         "resolve_model": 1,
         "pairs_table": 3,
         "latent_cache": 1,
+        "test_latent_cache": 1,  # the evaluation reads PF-Willow's test latents
         "train_prompt": 1,
         "evaluate_prompt": 1,
-        "total": 9,
+        "total": 10,
     }
 
 
@@ -139,11 +143,12 @@ def test_one_ablation_target_plans_only_its_jobs(empty_workdir: Path):
         "resolve_model": 2,
         "pairs_table": 3,
         "latent_cache": 1,
+        "test_latent_cache": 1,  # the evaluation reads SPair's test latents
         "dino_cache": 2,
         "train_prompt": 1,
         "evaluate_prompt": 1,
         "ablation_cpm_no_gn": 1,
-        "total": 12,
+        "total": 13,
     }
 
 
@@ -423,8 +428,8 @@ def test_demo_profile_settings_are_what_runs(project_copy: Path, monkeypatch: py
 DEMO_CONFIGS = ("config.yaml", "profiles/demo/world.yaml")
 MODEL_NAMES = {"sd21", "sd15", "dinov2", "dino", "clip_vision"}
 GPU_RULES = {
-    "latent_cache", "dino_cache", "train_prompt", "evaluate_prompt", "evaluate_prompt_timestep",
-    "evaluate_zero_shot", "fig4", "fig5", "qualitative", "evaluate_released_prompt",
+    "latent_cache", "test_latent_cache", "dino_cache", "train_prompt", "evaluate_prompt",
+    "evaluate_prompt_timestep", "evaluate_zero_shot", "fig4", "fig5", "qualitative", "evaluate_released_prompt",
 }  # fmt: skip
 LOCAL_RULES = {
     "all", "tables", "figures", "demo_datasets", "tiny_model", "tiny_captioner", "fetch_dataset",
