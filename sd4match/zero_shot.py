@@ -61,8 +61,9 @@ def matching_settings(matching: dict[str, Any], alphas: list[float], image_size:
 
 
 def _sd_features(method, records, root, image_size, features, seed, device, pairs, latent_cache):
-    """DIFT's features: normalised maps of the S x S image (latents from the test split's cache, ``latent_cache``
-    = (cache path or None, pairs table path)), or (protocol ``original``) DIFT's raw maps of its own resize."""
+    """DIFT's features: normalised maps of the S x S image (latents from the test split's cache,
+    ``latent_cache`` = (cache path or None, pairs table path)), or (protocol ``original``) DIFT's raw maps of
+    its own resize."""
     from sd4match.evaluation import open_test_latents
     from sd4match.features import load_sd_featurizer
     from sd4match.peer_protocols import dift_feature_fn

@@ -429,7 +429,8 @@ DEMO_CONFIGS = ("config.yaml", "profiles/demo/world.yaml")
 MODEL_NAMES = {"sd21", "sd15", "dinov2", "dino", "clip_vision"}
 GPU_RULES = {
     "latent_cache", "test_latent_cache", "dino_cache", "train_prompt", "evaluate_prompt",
-    "evaluate_prompt_timestep", "evaluate_zero_shot", "fig4", "fig5", "qualitative", "evaluate_released_prompt",
+    "evaluate_prompt_timestep", "evaluate_zero_shot", "fig4", "fig5", "qualitative",
+    "evaluate_released_prompt",
 }  # fmt: skip
 LOCAL_RULES = {
     "all", "tables", "figures", "demo_datasets", "tiny_model", "tiny_captioner", "fetch_dataset",
