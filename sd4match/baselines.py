@@ -837,8 +837,10 @@ def evaluate_sd_dino(
     settings: MatchingSettings,
     root: str | Path,
     image_batch: int | None = None,
+    predictions: Any = None,
 ) -> pd.DataFrame:
-    """Score every pair with SD+DINO(*) features; each distinct image goes through the networks once.
+    """Score every pair with SD+DINO(*) features; each distinct image goes through the networks once
+    (predicted points recorded in ``predictions``, a ``sd4match.predictions.PredictionLog``, when given).
 
     Per category, the parts of every distinct image (``ImageParts``) are computed in batches of
     ``image_batch`` images (default: the featurizer's ``max_batch``); per pair only the co-PCA and fusion
@@ -857,6 +859,7 @@ def evaluate_sd_dino(
             for row in rows:
                 src_key, trg_key = _row_keys(row)
                 src_feat, trg_feat = featurizer.pair_from_parts(parts[src_key], parts[trg_key])
-                by_row[row.Index] = score_pair(row, src_feat, trg_feat, settings)  # matched on the device
+                # matched on the device
+                by_row[row.Index] = score_pair(row, src_feat, trg_feat, settings, predictions)
                 bar.update(1)
     return per_pair_frame([score for index in sorted(by_row) for score in by_row[index]])

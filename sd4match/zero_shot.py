@@ -24,6 +24,7 @@ from sd4match.evaluation import (
 from sd4match.io import write_table_atomic
 from sd4match.metrics import summarise
 from sd4match.models import load_clip_vision, load_dino, load_dinov2, load_stable_diffusion, read_model_record
+from sd4match.predictions import PredictionLog
 from sd4match.prompts import TextPrompt
 
 log = logging.getLogger(__name__)
@@ -117,18 +118,21 @@ def run_zero_shot(
     summary_out: str | Path,
     captioner_path: str | Path | None = None,
     captioner_cfg: dict[str, Any] | None = None,
+    predictions_out: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Evaluate one zero-shot method on one test set; ``records`` maps model roles to model-record files."""
+    """Evaluate one zero-shot method on one test set; ``records`` maps model roles to model-record files.
+    The predicted points go to ``predictions_out`` (parquet, ``sd4match.predictions``) when given."""
     pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
     root = read_location(location_path).root
     settings = matching_settings(matching, alphas, image_size)
+    predictions = None if predictions_out is None else PredictionLog(image_size)
     log.info("zero-shot %s on %s: %d pairs", method, pairs_path, len(pairs))
     if method["kind"] == "sd":
         feature_fn = _sd_features(method, records, root, image_size, features, seed, device)
-        per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
+        per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device, predictions=predictions)
     elif method["kind"] == "vit":
         feature_fn = _vit_features(method, records, root, features, device)
-        per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
+        per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device, predictions=predictions)
     elif method["kind"] == "sd_dino":
         from sd4match.baselines import evaluate_sd_dino
 
@@ -139,9 +143,12 @@ def run_zero_shot(
         featurizer = _sd_dino_featurizer(
             method, records, captioner_path, captioner_cfg, features, seed, device
         )
-        per_pair = evaluate_sd_dino(pairs, featurizer, settings, root)  # networks once per distinct image
+        # networks once per distinct image
+        per_pair = evaluate_sd_dino(pairs, featurizer, settings, root, predictions=predictions)
     else:
         raise ValueError(f"zero-shot method kind {method['kind']!r} is unknown (sd, vit, sd_dino)")
+    if predictions is not None:
+        predictions.write(predictions_out)
     write_table_atomic(per_pair, per_pair_out)
     summary = summarise(per_pair)
     write_table_atomic(summary, summary_out)

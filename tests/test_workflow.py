@@ -93,6 +93,11 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     demo = PAPER_JOBS | {"evaluate_zero_shot": 27 - 9, "evaluate_prompt_timestep": 2}
     demo |= {"train_prompt": 10 + 1, "evaluate_prompt": 18 + 3}
     demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1}
+    # and its custom dataset `shapes` (issue 11): written, linked, parsed; DINO, DINOv2, DIFT and SD+DINO;
+    # every tuned prompt but Class (spair/single x 2 seeds, spair/cpm, pfpascal/single, pfpascal/cpm), whose
+    # CPM runs need its DINOv2 tokens; its table
+    demo |= {"demo_custom_dataset": 1, "fetch_dataset": 3 + 1, "pairs_table": 7 + 1, "table_custom": 1}
+    demo |= {"evaluate_zero_shot": 18 + 4, "evaluate_prompt": 21 + 5, "dino_cache": 5 + 1}
     assert counts == demo | {"total": sum(demo.values())}
 
 
@@ -170,6 +175,37 @@ def test_one_seed_of_one_run_is_its_own_target(empty_workdir: Path):
     for bad in ("seeds=[]", "seeds=[0, 0]", "seeds=[-1]"):
         result = snakemake("-n", "-d", str(empty_workdir), "--config", bad, cwd=empty_workdir)
         assert result.returncode != 0 and "key 'seeds" in result.stdout + result.stderr, bad
+
+
+def test_a_custom_dataset_joins_every_evaluation(empty_workdir: Path):
+    """A user's folder + pairs.csv configured as `datasets.mine`: fetched (linked), parsed, evaluated by the
+    default zero-shot baselines and every tuned prompt but Class, in its own table and in `all`."""
+    folder = empty_workdir / "my_data"
+    folder.mkdir()
+    (folder / "pairs.csv").write_text("source,target,source_kps,target_kps\n")
+    entry = {"kind": "custom", "local_path": str(folder), "threshold": "img"}
+    (empty_workdir / "mine.yaml").write_text(yaml.safe_dump({"datasets": {"mine": entry}}))
+    configs = ("--configfile", "config.yaml", "mine.yaml")
+    counts = dry_run("-d", str(empty_workdir), "results/tables/custom_mine.md", *configs, cwd=empty_workdir)
+    assert counts == {
+        "fetch_dataset": 3,  # mine, and SPair / PF-Pascal for training
+        "resolve_model": 5,
+        "pairs_table": 5,  # mine test, SPair and PF-Pascal trn/val
+        "evaluate_zero_shot": 4,  # dino, dinov2, dift, sddino
+        "latent_cache": 2,
+        "dino_cache": 3,  # mine test (CPM), SPair and PF-Pascal trn+val
+        "train_prompt": 4,  # spair single/cpm, pfpascal single/cpm
+        "evaluate_prompt": 4,
+        "fetch_captioner": 1,
+        "table_custom": 1,
+        "total": 32,
+    }
+    full = dry_run("-d", str(empty_workdir), *configs, cwd=empty_workdir)
+    assert full["table_custom"] == 1 and full["evaluate_zero_shot"] == PAPER_JOBS["evaluate_zero_shot"] + 4
+    entry["zero_shot"] = ["dift"]
+    (empty_workdir / "mine.yaml").write_text(yaml.safe_dump({"datasets": {"mine": entry}}))
+    counts = dry_run("-d", str(empty_workdir), "custom_tables", *configs, cwd=empty_workdir)
+    assert counts["evaluate_zero_shot"] == 1 and counts["custom_tables"] == 1
 
 
 def test_named_table_target_plans_no_training(empty_workdir: Path):
@@ -364,12 +400,15 @@ DEMO_CONFIGS = ("config.yaml", "profiles/demo/world.yaml")
 MODEL_NAMES = {"sd21", "sd15", "dinov2", "dino", "clip_vision"}
 GPU_RULES = {
     "latent_cache", "dino_cache", "train_prompt", "evaluate_prompt", "evaluate_prompt_timestep",
-    "evaluate_zero_shot", "fig4", "fig5", "qualitative",
+    "evaluate_zero_shot", "fig4", "fig5", "qualitative", "evaluate_released_prompt",
 }  # fmt: skip
 LOCAL_RULES = {
     "all", "tables", "figures", "demo_datasets", "tiny_model", "tiny_captioner", "fetch_dataset",
     "fetch_captioner", "resolve_model", "refresh_model_lock", "table_zero_shot_dift", "table1", "table2",
-    "table3", "fig3a", "fig3b", *(f"ablation_cpm_{case}" for case in (
+    "table3", "fig3a", "fig3b", "demo_custom_dataset", "table_custom", "custom_tables",
+    "import_released_prompts", "demo_released_prompts", "released_table", "released_prompts",
+    "released_tables",
+    *(f"ablation_cpm_{case}" for case in (
         "pair_local", "pair_global", "individual_local", "individual_global", "no_global", "no_gn")),
 }  # fmt: skip
 
@@ -406,7 +445,12 @@ def test_slurm_profile_places_gpu_cpu_and_local_rules(project_copy: Path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     jobs = planned_jobs(out)
-    assert {job["rule"] for job in jobs} >= GPU_RULES | {"pairs_table", "fetch_dataset", "table2"}
+    released = {"evaluate_released_prompt"}  # only planned by the released_prompts target
+    assert {job["rule"] for job in jobs} >= (GPU_RULES - released) | {
+        "pairs_table",
+        "fetch_dataset",
+        "table2",
+    }
     for job in jobs:
         res, rule = job["resources"], job["rule"]
         if rule in LOCAL_RULES:
@@ -477,7 +521,9 @@ def test_editing_a_setting_reruns_only_what_it_changes(empty_workdir: Path):
     counts = dry_run("-d", str(empty_workdir), "--configfile", *DEMO_CONFIGS, cwd=empty_workdir)
     planned = {rule for rule in counts if rule not in ("total", "all")}
     # the reported matching picks table columns: tables and plots rerun, no evaluation and no training
-    assert planned == {"fig4", "fig5", "qualitative", "table2", "table3", "fig3a", "fig3b"}, counts
+    assert planned == {"fig4", "fig5", "qualitative", "table2", "table3", "fig3a", "fig3b", "table_custom"}, (
+        counts
+    )
 
 
 # ------------------------------------------------------------------------ the demo DAG, run once (slow)
