@@ -38,7 +38,7 @@ def _canvas(source: Image.Image, target: Image.Image) -> tuple[np.ndarray, float
 def _caption(result: MatchResult) -> str:
     """Prompt, models and settings of the match, one line."""
     s = result.settings
-    prompt = s["prompt"].get("text")
+    prompt = s["prompt"].get("filled")
     prompt = (
         f"text prompt {prompt!r}"
         if prompt is not None

@@ -104,7 +104,7 @@ class MatchSetup:
     def describe(self) -> dict[str, Any]:
         """The settings a result records (JSON-able)."""
         prompt = (
-            {"text": self.request.text}
+            {"text": self.request.text, "filled": self.prompt_source.texts([self.category])[0]}
             if self.module is None
             else {"file": self.request.prompt, "variant": self.module.variant}
         )

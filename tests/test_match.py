@@ -10,6 +10,8 @@ tolerance), mapped to the original frame. One thread (the tests' OMP_NUM_THREADS
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -431,3 +433,32 @@ def test_cli_rejects_conflicting_arguments(capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit):
         main(["match", "a.jpg", "b.jpg", "--points", "1,1", "--text", "", "--out", "x.gif"])
     assert "argument --out: x.gif must end with one of" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- the README's commands
+
+
+def readme_match_commands() -> list[list[str]]:
+    """Every `sd4match match ...` line of the README's bash code blocks, as words."""
+    text = (REPO / "README.md").read_text()
+    return [
+        words
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.splitlines()
+        if (words := shlex.split(line, comments=True))[:2] == ["sd4match", "match"]
+    ]
+
+
+def test_readme_match_commands_parse():
+    """Every README `sd4match match` command is valid; the demo one names files the demo writes (it runs as
+    written in the slow demo test, tests/test_workflow.py)."""
+    commands = readme_match_commands()
+    assert len(commands) == 3 and sum("--demo" in words for words in commands) == 1
+    for words in commands:
+        args = build_parser().parse_args(words[1:])
+        assert args.command == "match" and (args.prompt or args.text)
+    demo = next(words for words in commands if "--demo" in words)
+    args = build_parser().parse_args(demo[1:])
+    assert args.source.startswith("resources/demo/demo_custom/shapes/images/")
+    assert args.prompt == "results/demo/prompts/spair/cpm/seed0/prompt.safetensors"
+    assert args.out == "match.png" and args.grid == 4

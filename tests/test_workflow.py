@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import re
 import shlex
 import shutil
@@ -365,7 +366,9 @@ def test_readme_command_does_what_its_text_says(
     result = run_in(project_copy, *words[1:], "-n", "--quiet", "rules")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counts = job_counts(result.stdout + result.stderr)
-    profile = [w for pair in zip(words, words[1:], strict=False) if pair[0] == "--profile" for w in pair]
+    # the reference keeps what selects the configuration (profile, config overrides), nothing else
+    keep = ("--profile", "--config")
+    profile = [w for pair in zip(words, words[1:], strict=False) if pair[0] in keep for w in pair]
     reference = run_in(project_copy, *targets, *profile, "-n", "--quiet", "rules")
     assert counts == job_counts(reference.stdout + reference.stderr)
     for target in targets:
@@ -603,6 +606,36 @@ def test_demo_dag_runs_end_to_end(demo_project: Path):
     assert not (demo_project / "logs/paper").exists() and not (demo_project / "benchmarks/paper").exists()
     records = [r for r in (demo_project / "resources/demo/models").glob("*.json") if r.stem in MODEL_NAMES]
     assert records and all(not str(json_field(r, "local_path")).startswith("/") for r in records)
+
+
+@pytest.mark.slow
+def test_demo_custom_dataset_table_and_readme_match_command(demo_project: Path):
+    """The demo's custom dataset went through the DAG, and the README's `sd4match match` command runs as
+    written after the demo (its picture and its JSON on stdout)."""
+    from test_match import readme_match_commands
+
+    out = demo_project / "results/demo"
+    table = pd.read_csv(out / "tables/custom_shapes.csv")
+    rows = set(zip(table["method"], table["trained_on"], table["seed"].astype(str), strict=True))
+    assert rows == {
+        ("DINO", "-", "-"), ("DINOv2", "-", "-"), ("DIFT", "-", "-"), ("SD+DINO", "-", "-"),
+        ("SD4Match-Single", "SPair-71k", "0"), ("SD4Match-Single", "SPair-71k", "1"),
+        ("SD4Match-CPM", "SPair-71k", "0"), ("SD4Match-Single", "PF-Pascal", "0"),
+        ("SD4Match-CPM", "PF-Pascal", "0"),
+    }  # fmt: skip
+    assert len(table) == 9 and list(table["method"])[:4] == ["DINO", "DINOv2", "DIFT", "SD+DINO"]
+    assert "DEMO RUN" in (out / "tables/custom_shapes.md").read_text()
+    pairs = pd.read_parquet(out / "pairs/shapes_test.parquet")
+    predictions = pd.read_parquet(out / "sd4match/spair/cpm/seed0/shapes/predictions.parquet")
+    assert len(predictions) == 3 * pairs["n_kps"].sum()
+    command = next(words for words in readme_match_commands() if "--demo" in words)
+    script = Path(sys.executable).parent / "sd4match"
+    runner = [str(script)] if script.exists() else [sys.executable, "-m", "sd4match.match_cli"]
+    result = subprocess.run([*runner, *command[1:]], cwd=demo_project, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout)
+    assert len(data["matches"]) == 16 and data["settings"]["demo"] is True
+    assert (demo_project / "match.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def json_field(path: Path, key: str):  # noqa: ANN201
