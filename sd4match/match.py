@@ -19,7 +19,7 @@ import csv
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,8 @@ def kernel_softmax_confidence(corr: torch.Tensor, sigma: float, temperature: flo
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """An input image: the path given, its folder-relative key (noise seed), size and pixels."""
+    """An input image: the path given, its key (path relative to the keying folder: its noise seed) and its
+    (width, height)."""
 
     path: Path
     key: str
@@ -132,8 +133,11 @@ def _points_from_file(path: Path, argument: str) -> list[list[float]]:
         except json.JSONDecodeError as exc:
             raise MatchInputError(f"{where}: invalid JSON: {exc}") from exc
         data = data.get("points") if isinstance(data, dict) else data
-        if not isinstance(data, list) or not all(isinstance(p, list) and len(p) == 2 for p in data):
-            raise MatchInputError(f'{where}: expected [[x, y], ...] or {{"points": [[x, y], ...]}}')
+        numbers = (int, float)
+        if not isinstance(data, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, numbers) for v in p) for p in data
+        ):
+            raise MatchInputError(f'{where}: expected [[x, y], ...] or {{"points": [[x, y], ...]}} (numbers)')
         return [[float(x), float(y)] for x, y in data]
     with open(path, newline="", encoding="utf-8-sig") as handle:
         rows = [[c.strip() for c in row] for row in csv.reader(handle) if any(c.strip() for c in row)]
@@ -296,7 +300,6 @@ class Matcher:
     """Models, prompt and settings loaded once (``match_models.load_setup``); ``match`` runs one pair."""
 
     setup: MatchSetup
-    _features_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_request(cls, **request: Any) -> Matcher:
