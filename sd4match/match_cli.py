@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sd4match.io import write_table_atomic, write_text_atomic
-from sd4match.match import CONFIDENCE_DEFINITION, Matcher, MatchResult
 from sd4match.match_models import DEMO_WORLD, MatchInputError
+from sd4match.match_points import CONFIDENCE_DEFINITION, Matcher, MatchResult
 from sd4match.matching import MATCHING_METHODS
 
 STDOUT = "-"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from sd4match.figures import DPI, GT_COLOR, OUTLINE, PAIR_GAP_FRACTION, PNG_METADATA, decorate, new_figure
 from sd4match.io import atomic_path
-from sd4match.match import MatchResult
+from sd4match.match_points import MatchResult
 
 COLORMAP = "viridis"
 IMAGE_INCHES = 4.0  # height of the two images

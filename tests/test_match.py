@@ -26,7 +26,9 @@ from sd4match.datasets import parse_spair, read_pairs_table, write_pairs_table
 from sd4match.demo_world import DemoWorldSpec, make_custom_dataset, make_spair
 from sd4match.evaluation import run_prompt_evaluation
 from sd4match.fetch import extract
-from sd4match.match import (
+from sd4match.match_cli import build_parser, main
+from sd4match.match_models import MatchInputError
+from sd4match.match_points import (
     CONFIDENCE_DEFINITION,
     Matcher,
     grid_points,
@@ -35,8 +37,6 @@ from sd4match.match import (
     match,
     read_points,
 )
-from sd4match.match_cli import build_parser, main
-from sd4match.match_models import MatchInputError
 from sd4match.matching import kernel_soft_argmax, nearest_neighbour
 from sd4match.models import ModelSpec, load_dinov2, load_stable_diffusion, resolve_model, write_model_record
 from sd4match.predictions import from_squashed_frame, read_predictions
@@ -423,6 +423,19 @@ def test_cli_writes_json_csv_and_the_picture(in_project: Path, capsys: pytest.Ca
     assert (
         "sd4match match: error: argument --points: point 1 (9999, 1) lies outside" in capsys.readouterr().err
     )
+
+
+def test_package_match_is_the_api_after_its_modules_are_imported(in_project: Path):
+    """``sd4match.match(...)`` stays the function (no submodule named ``match`` shadows it once imported)."""
+    import sd4match
+    import sd4match.match_cli  # noqa: F401  (imports every match module)
+
+    request = {"text": "a photo of a {category}", "category": "cat", "demo": True, "device": "cpu"}
+    result = sd4match.match(CAT_1, CAT_2, "10,10;20,30", method="nn", **request)
+    expected = Matcher.from_request(method="nn", **request).match(CAT_1, CAT_2, [[10, 10], [20, 30]])
+    np.testing.assert_array_equal(result.target_points, expected.target_points)
+    np.testing.assert_array_equal(result.confidence, expected.confidence)
+    assert result.method == "nn" and result.source_points.tolist() == [[10.0, 10.0], [20.0, 30.0]]
 
 
 def test_cli_rejects_conflicting_arguments(capsys: pytest.CaptureFixture):
