@@ -66,6 +66,9 @@ localrules:
     released_table,
     released_prompts,
     released_tables,
+    demo_custom_dataset,
+    table_custom,
+    custom_tables,
 
 
 rule all:

@@ -2,8 +2,14 @@
 
 from pathlib import Path
 
-from sd4match.config import is_demo, method_config, validate_config
+from sd4match.config import TIMESTEP_SUFFIX, is_demo, method_config, validate_config
 from sd4match.config_checks import train_settings_data
+from sd4match.custom_dataset import (
+    DEFAULT_PAIRS_FILE,
+    custom_dataset_names,
+    custom_zero_shot,
+    is_custom,
+)
 from sd4match.provenance import canonical, subset_hash
 from sd4match.reporting import zero_shot_protocols
 from sd4match.seeds import (
@@ -24,7 +30,9 @@ OUT = config["results_dir"]
 DEMO = is_demo(config)
 # logs/<run>/ and benchmarks/<run>/: the demo and the paper run never share a log or benchmark file
 RUN = config["run_label"]
-DATASETS = ["spair", "pfpascal", "pfwillow"]
+# The three benchmarks and any custom keypoint datasets (`datasets.<name>: {kind: custom, ...}`)
+DATASETS = list(config["datasets"])
+CUSTOM_DATASETS = custom_dataset_names(config)
 TEST_DATASETS = config["evaluation"]["test_datasets"]
 CONDA_ENV = "../envs/sd4match.yaml"
 # Hub commits resolved by the first run; later runs and colleagues resolve these (see rules/models.smk).
@@ -53,6 +61,7 @@ wildcard_constraints:
     method="[a-z0-9_]+",
     t="[0-9]+",
     seed="0|[1-9][0-9]*",
+    custom="|".join(CUSTOM_DATASETS) or "(?!)",  # never matches without custom datasets
 
 
 def is_remote(url):
@@ -70,10 +79,38 @@ def local_source(url):
 def dataset_sources(wildcards):
     """Local archives a dataset's fetch depends on (the demo world's archives are workflow outputs)."""
     cfg = config["datasets"][wildcards.dataset]
+    if is_custom(cfg):  # an edit to its pairs file reruns what reads it
+        return [custom_pairs_file(wildcards.dataset)]
     if cfg["local_path"]:
         return []
     urls = [cfg["url"]] + ([cfg["pairs_url"]] if "pairs_url" in cfg else [])
     return [path for url in urls for path in local_source(url)]
+
+
+def custom_pairs_file(dataset):
+    """The pairs file of a custom dataset (``pairs`` inside its ``local_path``)."""
+    cfg = config["datasets"][dataset]
+    return str(
+        Path(cfg["local_path"]).expanduser() / (cfg.get("pairs") or DEFAULT_PAIRS_FILE)
+    )
+
+
+def fetch_settings(dataset):
+    """What a dataset's fetch depends on: its config entry (a custom dataset's method list excluded)."""
+    cfg = config["datasets"][dataset]
+    return {k: v for k, v in cfg.items() if k != "zero_shot"}
+
+
+def custom_spec(dataset):
+    """How a custom dataset is parsed (name, threshold kind, pairs file); None for the benchmarks."""
+    cfg = config["datasets"][dataset]
+    if not is_custom(cfg):
+        return None
+    return {
+        "name": dataset,
+        "threshold": cfg["threshold"],
+        "pairs_file": cfg.get("pairs") or DEFAULT_PAIRS_FILE,
+    }
 
 
 def tiny_model_dir(name):
@@ -209,6 +246,14 @@ def sd4match_per_pair(trainset, variant, dataset, seed=None):
     return f"{run_dir('sd4match', trainset, variant, seed)}/{dataset}/per_pair.csv"
 
 
+def sd4match_predictions(trainset, variant, dataset, seed=None):
+    """Per-keypoint predictions of one evaluation of one seed (None: the primary seed), original frames."""
+    seed = primary(trainset, variant) if seed is None else seed
+    return (
+        f"{run_dir('sd4match', trainset, variant, seed)}/{dataset}/predictions.parquet"
+    )
+
+
 def sd4match_seed_summaries(trainset, variant, dataset):
     """Summaries of every seed of one run on one test set: {seed: path}, primary seed first."""
     return {
@@ -317,9 +362,11 @@ def zero_shot_summaries(methods):
     }
 
 
-def timestep_file(trainset, variant, dataset, t, seed, name="summary"):
-    """Fig. 3b: `<name>.csv` (summary or per_pair) of one seed of a run evaluated at timestep t."""
-    return f"{run_dir('timesteps', trainset, variant, seed)}/{dataset}_t{t}/{name}.csv"
+def timestep_file(trainset, variant, dataset, t, seed, name="summary", ext="csv"):
+    """Fig. 3b: `<name>.<ext>` (summary, per_pair or predictions) of one seed of a run evaluated at t."""
+    return (
+        f"{run_dir('timesteps', trainset, variant, seed)}/{dataset}_t{t}/{name}.{ext}"
+    )
 
 
 def timestep_summary(t, seed=None):
@@ -478,10 +525,77 @@ FIGURES = ["fig3a", "fig3b", "fig4", "fig5", "qualitative"]
 
 
 def all_targets():
-    """Every table and figure of the paper."""
-    return [
-        f"{OUT}/tables/{name}.{ext}" for name in TABLES for ext in ("csv", "md")
-    ] + [f"{OUT}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+    """Every table and figure of the paper, and the table of each custom dataset."""
+    return (
+        [f"{OUT}/tables/{name}.{ext}" for name in TABLES for ext in ("csv", "md")]
+        + [f"{OUT}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+        + [
+            custom_table_file(name, ext)
+            for name in CUSTOM_DATASETS
+            for ext in ("csv", "md")
+        ]
+    )
+
+
+# Custom keypoint datasets (issue 11): every zero-shot baseline of the dataset's list and every tuned prompt
+# (every seed; Class prompts know only their training set's categories) evaluated on it, in one table.
+
+
+def custom_table_file(name, ext):
+    """`<OUT>/tables/custom_<name>.<ext>`: every method on one custom dataset."""
+    return f"{OUT}/tables/custom_{name}.{ext}"
+
+
+def custom_prompt_runs():
+    """(training set, variant) of the tuned prompts evaluated on custom datasets: every run but Class."""
+    return [(t, v) for t, v in train_runs() if variant_kind(v) != "class"]
+
+
+def custom_zero_shot_summaries(name):
+    """{method: summary} of the zero-shot methods evaluated on custom dataset `name`."""
+    return {
+        m: zero_shot_summary(m, name)
+        for m in custom_zero_shot(config["datasets"][name])
+    }
+
+
+def custom_sd4match_summaries(name):
+    """{"<trainset>/<variant>/<seed>": summary} of every tuned prompt (every seed) on `name`."""
+    return {
+        f"{t}/{v}/{seed}": sd4match_summary(t, v, name, seed)
+        for t, v in custom_prompt_runs()
+        for seed in seeds_of(t, v)
+    }
+
+
+def custom_provenance(name):
+    """Provenance of a custom dataset's table (its dataset entry, methods and prompt variants)."""
+    return provenance(
+        "zero_shot_matching",
+        "matching.reported",
+        "implicit_captioner",
+        "sd4match.train_sets",
+        models=ALL_MODELS,
+        datasets=[name],
+        variants=sorted({v for _, v in custom_prompt_runs()}),
+        zero_shot=sorted(
+            {
+                m if m in ZS else TIMESTEP_SUFFIX.match(m)["base"]
+                for m in custom_zero_shot(config["datasets"][name])
+            }
+        ),
+    )
+
+
+def report_custom_table():
+    """The HTML table of a custom dataset (wildcard `custom`), registered for the report."""
+    return report(
+        f"{OUT}/tables/custom_{{custom}}.html",
+        caption="../report/custom.rst",
+        category="Custom datasets",
+        subcategory="{custom}",
+        labels={"result": "{custom}", "file": "table (HTML)"},
+    )
 
 
 # The authors' released prompts (rules/released.smk): imported by a checkpoint, because which prompts the

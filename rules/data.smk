@@ -1,4 +1,6 @@
-"""Fetch the three benchmarks (or link a local copy) and parse them into normalised pairs tables."""
+"""Fetch the three benchmarks (or link a local copy) and parse them into normalised pairs tables; a custom
+dataset (sd4match.custom_dataset) is always a linked local folder with one test split.
+"""
 
 
 rule fetch_dataset:
@@ -15,7 +17,7 @@ rule fetch_dataset:
         mem_mb=4000,
         runtime=240,  # SPair-71k: 2 GB download + extraction
     params:
-        cfg=lambda wc: config["datasets"][wc.dataset],
+        cfg=lambda wc: fetch_settings(wc.dataset),
         data_dir=lambda wc: f"{RES}/data/{wc.dataset}",
         downloads=f"{RES}/downloads",
     script:
@@ -38,5 +40,6 @@ rule pairs_table:
         runtime=60,
     params:
         layout=config["datasets"]["spair"]["layout"],
+        custom=lambda wc: custom_spec(wc.dataset),  # None for the three benchmarks
     script:
         "../workflow_scripts/pairs_table.py"

@@ -1,5 +1,7 @@
 """The offline demo world: synthetic datasets in the official layouts and tiny models of the real classes."""
 
+from sd4match.demo_world import demo_custom_images
+
 DEMO_ARCHIVES = f"{RES}/demo_archives"
 
 
@@ -60,3 +62,26 @@ rule tiny_captioner:
         prefix=CAPTIONER["prefix"],
     script:
         "../workflow_scripts/tiny_captioner.py"
+
+
+# A small keypoint dataset in the custom layout (sd4match.custom_dataset): world.yaml configures it as
+# datasets.shapes (kind: custom, local_path: this folder), so the custom-dataset path runs in the demo.
+DEMO_CUSTOM = f"{RES}/demo_custom/shapes"
+
+
+rule demo_custom_dataset:
+    output:
+        pairs=f"{DEMO_CUSTOM}/pairs.csv",
+        images=[f"{DEMO_CUSTOM}/{name}" for name in demo_custom_images(config)],
+    log:
+        log_path("world/demo_custom_dataset.log"),
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        demo_world=config.get("demo_world", {}),
+    script:
+        "../workflow_scripts/demo_custom_dataset.py"

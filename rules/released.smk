@@ -34,6 +34,7 @@ use rule evaluate_prompt as evaluate_released_prompt with:
     output:
         per_pair=f"{OUT}/released/{{released_set}}/{{released_variant}}/{{dataset}}/per_pair.csv",
         summary=released_summary("{released_set}", "{released_variant}", "{dataset}"),
+        predictions=f"{OUT}/released/{{released_set}}/{{released_variant}}/{{dataset}}/predictions.parquet",
     log:
         log_path("released/{released_set}_{released_variant}_{dataset}.log"),
     benchmark:

@@ -166,3 +166,41 @@ rule table3:
         ),
     script:
         "../workflow_scripts/table3.py"
+
+
+rule table_custom:
+    input:
+        zero_shot=lambda wc: list(custom_zero_shot_summaries(wc.custom).values()),
+        sd4match=lambda wc: list(custom_sd4match_summaries(wc.custom).values()),
+        pairs_report=f"{OUT}/pairs/{{custom}}_test.report.json",
+        models=[model_record(m) for m in ALL_MODELS],
+    output:
+        csv=custom_table_file("{custom}", "csv"),
+        md=custom_table_file("{custom}", "md"),
+        html=report_custom_table(),
+        caption=report_caption("custom_{custom}"),
+    log:
+        log_path("report/table_custom_{custom}.log"),
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        name=lambda wc: wc.custom,
+        threshold=lambda wc: config["datasets"][wc.custom]["threshold"],
+        zero_shot=lambda wc: custom_zero_shot_summaries(wc.custom),
+        sd4match=lambda wc: custom_sd4match_summaries(wc.custom),
+        variants={v: SD4["variants"][v] for _, v in custom_prompt_runs()},
+        matching=config["matching"]["reported"],
+        zero_shot_matching=config["zero_shot_matching"],
+        alphas=config["evaluation"]["alphas"],
+        provenance=lambda wc: custom_provenance(wc.custom),
+    script:
+        "../workflow_scripts/table_custom.py"
+
+
+rule custom_tables:
+    input:
+        [custom_table_file(name, "md") for name in CUSTOM_DATASETS],

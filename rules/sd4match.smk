@@ -7,6 +7,9 @@ rule evaluate_prompt:
     output:
         per_pair=sd4match_per_pair("{trainset}", "{variant}", "{dataset}", "{seed}"),
         summary=sd4match_summary("{trainset}", "{variant}", "{dataset}", "{seed}"),
+        predictions=sd4match_predictions(
+            "{trainset}", "{variant}", "{dataset}", "{seed}"
+        ),
     log:
         log_path("sd4match/{trainset}_{variant}_seed{seed}_{dataset}.log"),
     benchmark:
@@ -38,6 +41,15 @@ rule evaluate_prompt_timestep:
             "{trainset}", "{variant}", "{dataset}", "{t}", "{seed}", "per_pair"
         ),
         summary=timestep_file("{trainset}", "{variant}", "{dataset}", "{t}", "{seed}"),
+        predictions=timestep_file(
+            "{trainset}",
+            "{variant}",
+            "{dataset}",
+            "{t}",
+            "{seed}",
+            "predictions",
+            "parquet",
+        ),
     log:
         log_path("sd4match/{trainset}_{variant}_seed{seed}_{dataset}_t{t}.log"),
     benchmark:

@@ -28,6 +28,7 @@ rule evaluate_zero_shot:
     output:
         per_pair=f"{OUT}/zero_shot/{{method}}/{{dataset}}/per_pair.csv",
         summary=zero_shot_summary("{method}", "{dataset}"),
+        predictions=f"{OUT}/zero_shot/{{method}}/{{dataset}}/predictions.parquet",
     log:
         log_path("zero_shot/{method}_{dataset}.log"),
     benchmark:

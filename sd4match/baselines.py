@@ -980,14 +980,16 @@ def evaluate_sd_dino(
     root: str | Path,
     image_batch: int | None = None,
     scorer: PairScorer | None = None,
+    predictions: Any = None,
 ) -> pd.DataFrame:
-    """Score every pair with SD+DINO(*) features; each distinct image goes through the networks once.
+    """Score every pair with SD+DINO(*) features; each distinct image goes through the networks once
+    (predicted points recorded in ``predictions``, a ``sd4match.predictions.PredictionLog``, when given).
 
     Per category, the parts of every distinct image (``ImageParts``) are computed in batches of
     ``image_batch`` images (default: the featurizer's ``max_batch``); per pair only the co-PCA and fusion
     run. Same features as ``featurizer.pair_features`` per pair; rows come out in the pairs table's order.
     ``scorer``: how a pair is scored from its features (default: ``evaluation.score_pair`` with ``settings``,
-    the squashed S frame; sd-dino's own: ``peer_protocols.PaddedFrameScorer``).
+    the squashed S frame, recording ``predictions``; sd-dino's own: ``peer_protocols.PaddedFrameScorer``).
     One category's parts stay on the device at a time (SD 1-5 at 960 px + DINOv2 at 840 px: ~26 MB per
     image, SPair-71k test categories have 25-30 images).
     """
@@ -995,7 +997,7 @@ def evaluate_sd_dino(
     if scorer is None:
 
         def scorer(row: Any, src: Tensor, trg: Tensor) -> list[PairScore]:
-            return score_pair(row, src, trg, settings)
+            return score_pair(row, src, trg, settings, predictions)
 
     table = pairs.reset_index(drop=True)
     by_row: dict[int, list[PairScore]] = {}

@@ -34,6 +34,7 @@ def check_job_settings(config: Mapping[str, Any], source: str) -> None:
         _check_alphas,
         _check_figures,
         _check_demo_world,
+        _check_custom_datasets,
     ):
         check(config, source)
 
@@ -247,3 +248,29 @@ def _check_demo_world(config: Mapping[str, Any], source: str) -> None:
         source,
         "the demo_datasets job (DemoWorldSpec)",
     )
+
+
+# ------------------------------------------------------------------------------------------ custom datasets
+
+
+def _check_custom_datasets(config: Mapping[str, Any], source: str) -> None:
+    """Each custom dataset builds a CustomDatasetSpec (as the pairs_table job does) and names only configured
+    zero-shot methods (``<method>_t<T>`` included)."""
+    from sd4match.config import method_config
+    from sd4match.custom_dataset import CustomDatasetSpec, custom_dataset_names, custom_zero_shot
+
+    for name in custom_dataset_names(config):
+        cfg = config["datasets"][name]
+        key = f"datasets.{name}"
+        _build(
+            lambda n=name, c=cfg: CustomDatasetSpec.from_config(n, c),
+            {"threshold": f"{key}.threshold", "pairs": f"{key}.pairs"},
+            key,
+            source,
+            "the pairs_table job (sd4match.custom_dataset.CustomDatasetSpec)",
+        )
+        for method in custom_zero_shot(cfg):
+            try:
+                method_config(config["zero_shot"], method)
+            except ValueError as error:
+                raise config_error(source, f"{key}.zero_shot", str(error)) from error

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd4match.custom_dataset import CUSTOM_SPLIT, CustomDatasetSpec, is_custom
 from sd4match.fetch import download, fetch_archive, link_local_copy
 from sd4match.io import write_json_atomic
 
@@ -88,8 +89,17 @@ def _download_extract(url: str, sha256: str | None, downloads: Path, dest: Path)
 def acquire_dataset(
     dataset: str, cfg: dict[str, Any], data_dir: str | Path, downloads: str | Path
 ) -> DatasetLocation:
-    """Download + extract (or link the configured local copy of) ``dataset``; return where it lives."""
+    """Download + extract (or link the configured local copy of) ``dataset``; return where it lives.
+
+    A custom dataset (``kind: custom``, ``sd4match.custom_dataset``) is always a local folder: it is linked
+    after checking that its pairs file is there, and its only split is ``test``.
+    """
     data_dir, downloads = Path(data_dir), Path(downloads)
+    if is_custom(cfg):
+        spec = CustomDatasetSpec.from_config(dataset, cfg)
+        root = link_local_copy(cfg["local_path"], data_dir / "local", expected=[spec.pairs_file])
+        pairs = {CUSTOM_SPLIT: str(root / spec.pairs_file)}
+        return DatasetLocation(dataset, str(root), pairs, [{"local_path": cfg["local_path"]}])
     splits = ["trn", "val", "test"] if dataset == "pfpascal" else ["test"]
     if cfg.get("local_path"):
         root = link_local_copy(cfg["local_path"], data_dir / "local", expected=EXPECTED_LAYOUT[dataset])

@@ -92,6 +92,9 @@ PFWILLOW_CLASSES: tuple[str, ...] = (
 DATASETS: tuple[str, ...] = ("spair", "pfpascal", "pfwillow")
 SPLITS: tuple[str, ...] = ("trn", "val", "test")
 THRESHOLD_KINDS: dict[str, str] = {"spair": "bbox", "pfpascal": "img", "pfwillow": "kps"}
+THRESHOLD_KIND_NAMES: tuple[str, ...] = ("bbox", "img", "kps")
+# Names of custom datasets (``sd4match.custom_dataset``): wildcard- and path-safe, never an official name.
+CUSTOM_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 PAIRS_COLUMNS: tuple[str, ...] = (
     "pair_id",
@@ -853,11 +856,27 @@ def parse_pfwillow(root: PathLike, pairs_csv: PathLike, report: PairsReport | No
 
 
 def build_pairs(
-    dataset: str, root: PathLike, split: str, pairs_csv: PathLike | None = None, layout: str = "large"
+    dataset: str,
+    root: PathLike,
+    split: str,
+    pairs_csv: PathLike | None = None,
+    layout: str = "large",
+    custom: Any = None,
 ) -> tuple[pd.DataFrame, PairsReport]:
-    """The normalised pairs table of ``dataset`` (spair / pfpascal / pfwillow) and ``split``, and the report
-    of what was kept (skipped pairs, PF-Pascal keypoint cross-check)."""
+    """The normalised pairs table of ``dataset`` (spair / pfpascal / pfwillow, or a custom dataset whose
+    ``custom_dataset.CustomDatasetSpec`` is ``custom``) and ``split``, and the report of what was kept
+    (skipped pairs, PF-Pascal keypoint cross-check)."""
     report = PairsReport(dataset, split, "")
+    if custom is not None:
+        from sd4match.custom_dataset import CUSTOM_SPLIT, parse_custom
+
+        if custom.name != dataset or split != CUSTOM_SPLIT:
+            raise ValueError(
+                f"custom dataset {custom.name!r} has only a {CUSTOM_SPLIT!r} split, asked for "
+                f"{dataset!r} / {split!r} (root {root})"
+            )
+        report.source = str(Path(pairs_csv) if pairs_csv is not None else Path(root) / custom.pairs_file)
+        return parse_custom(root, custom, pairs_csv, report), report
     if dataset == "spair":
         if pairs_csv is not None:
             raise ValueError(f"spair takes its pairs from Layout/{layout}/{split}.txt, not from {pairs_csv}")
@@ -904,10 +923,13 @@ def _validate_row(row: dict[str, Any], source: PathLike) -> None:
     for key in ("src_width", "src_height", "trg_width", "trg_height"):
         if not row[key] > 0:
             raise ValueError(f"{where}: {key} must be positive, got {row[key]}")
-    if row["dataset"] not in DATASETS or row["split"] not in SPLITS:
+    official = row["dataset"] in DATASETS
+    if not (official or CUSTOM_NAME_PATTERN.fullmatch(str(row["dataset"]))) or row["split"] not in SPLITS:
         raise ValueError(f"{where}: unknown dataset/split {row['dataset']!r}/{row['split']!r}")
-    if row["threshold_kind"] != THRESHOLD_KINDS[row["dataset"]]:
+    if official and row["threshold_kind"] != THRESHOLD_KINDS[row["dataset"]]:
         raise ValueError(f"{where}: threshold_kind {row['threshold_kind']!r} is wrong for {row['dataset']}")
+    if row["threshold_kind"] not in THRESHOLD_KIND_NAMES:
+        raise ValueError(f"{where}: threshold_kind {row['threshold_kind']!r} not in {THRESHOLD_KIND_NAMES}")
     if row["threshold_kind"] == "bbox" and row["trg_bbox"] is None:
         raise ValueError(f"{where}: threshold_kind 'bbox' needs trg_bbox")
 

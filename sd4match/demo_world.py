@@ -8,6 +8,7 @@ archives, so the same fetch + parse code a real user runs consumes them; a spec 
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import itertools
@@ -74,6 +75,8 @@ class DemoWorldSpec:
     pfpascal_pairs_per_split: tuple[int, int, int] = (6, 2, 3)
     pfwillow_subclasses: tuple[str, ...] = PFWILLOW_SUBCLASSES
     pfwillow_images_per_class: int = 3
+    custom_categories: tuple[str, ...] = ("cat", "car")
+    custom_images_per_category: int = 3
 
     def __post_init__(self) -> None:
         lo, hi = self.image_size_range
@@ -93,6 +96,8 @@ class DemoWorldSpec:
         _check_names("spair_categories", self.spair_categories, SPAIR_CATEGORIES)
         _check_names("pfpascal_classes", self.pfpascal_classes, PFPASCAL_CLASSES)
         _check_names("pfwillow_subclasses", self.pfwillow_subclasses, PFWILLOW_SUBCLASSES)
+        _check_names("custom_categories", self.custom_categories, SPAIR_CATEGORIES)
+        _check_pair_budget("custom", self.custom_images_per_category, 1)
         for split, n_img, n_pairs in zip(
             SPLITS, self.spair_images_per_split, self.spair_pairs_per_split, strict=True
         ):
@@ -818,6 +823,76 @@ def make_pfwillow(out_dir: PathLike, spec: DemoWorldSpec = DemoWorldSpec()) -> t
     with atomic_path(out / PFWILLOW_PAIRS_CSV) as tmp:
         tmp.write_bytes(_csv(rows))
     return out / PFWILLOW_IMAGES_ARCHIVE, out / PFWILLOW_PAIRS_CSV
+
+
+# ---------------------------------------------------------------------------------------- a custom dataset
+
+CUSTOM_PAIRS_FILE = "pairs.csv"
+CUSTOM_IMAGE_FORMATS = ("jpg", "png")  # alternating: a custom dataset may mix any formats PIL reads
+CUSTOM_HEADER = ("pair_id", "category", "source", "target", "source_kps", "target_kps", "source_bbox",
+                 "target_bbox")  # fmt: skip
+
+
+def custom_image_name(category: str, index: int) -> str:
+    """``images/<category>/<category>_<index>.<jpg|png>`` (index from 1), the demo custom dataset's files."""
+    return f"images/{category}/{category}_{index}.{CUSTOM_IMAGE_FORMATS[(index - 1) % 2]}"
+
+
+def _custom_points(inst: Instance) -> str:
+    """Every template keypoint as ``x,y;...``, ``nan,nan`` where it is not visible in this image."""
+    points = zip(inst.kps, inst.visible, strict=True)
+    return ";".join(f"{_g15(x)},{_g15(y)}" if vis else "nan,nan" for (x, y), vis in points)
+
+
+def demo_custom_images(config: dict) -> list[str]:
+    """The image files (relative to the folder) ``make_custom_dataset`` writes for a config's demo world."""
+    spec = spec_from_config(config.get("demo_world") or {})
+    return [
+        custom_image_name(category, k)
+        for category in spec.custom_categories
+        for k in range(1, spec.custom_images_per_category + 1)
+    ]
+
+
+def make_custom_dataset(out_dir: PathLike, spec: DemoWorldSpec = DemoWorldSpec()) -> Path:
+    """Write a small keypoint dataset in the custom layout (``sd4match.custom_dataset``) into ``out_dir``:
+    ``images/<category>/<category>_<k>.{jpg,png}`` and ``pairs.csv`` with every ordered pair of distinct
+    images of a category that share a visible keypoint. Returns the pairs file."""
+    out = Path(out_dir)
+    rows: list[list[str]] = []
+    for category in spec.custom_categories:
+        template = make_template(category, spec.seed)
+        rng = _rng(spec.seed, "custom", category)
+        insts = [
+            render_instance(template, f"{category}_{k}", rng, spec.image_size_range, SPAIR_STYLE)
+            for k in range(1, spec.custom_images_per_category + 1)
+        ]
+        for k, inst in enumerate(insts, start=1):
+            name = custom_image_name(category, k)
+            data = _jpeg(inst.image, spec.jpeg_quality) if name.endswith(".jpg") else _png(inst.image)
+            with atomic_path(out / name) as tmp:
+                tmp.write_bytes(data)
+        for s, t in itertools.permutations(range(len(insts)), 2):
+            if not (insts[s].visible & insts[t].visible).any():
+                continue
+            rows.append(
+                [
+                    f"{category}-{s + 1}-{t + 1}",
+                    category,
+                    custom_image_name(category, s + 1),
+                    custom_image_name(category, t + 1),
+                    _custom_points(insts[s]),
+                    _custom_points(insts[t]),
+                    ",".join(_g15(v) for v in insts[s].bbox),
+                    ",".join(_g15(v) for v in insts[t].bbox),
+                ]
+            )
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerows([CUSTOM_HEADER, *rows])
+    with atomic_path(out / CUSTOM_PAIRS_FILE) as tmp:
+        tmp.write_bytes(text.getvalue().encode("utf-8"))
+    return out / CUSTOM_PAIRS_FILE
 
 
 def make_demo_world(out_dir: PathLike, spec: DemoWorldSpec = DemoWorldSpec()) -> dict[str, Path]:

@@ -20,7 +20,8 @@ from sd4match.datasets import load_image, read_pairs_table
 from sd4match.io import write_table_atomic
 from sd4match.matching import bbox_to_squashed_frame, match_all, match_in_bank, to_squashed_frame
 from sd4match.metrics import PairScore, pck, pck_threshold, per_pair_frame, summarise
-from sd4match.models import read_model_record
+from sd4match.models import ModelRecord, read_model_record
+from sd4match.predictions import PredictionLog
 from sd4match.prompts import CategoryPromptEncoder, PromptSource, encode_prompt_pair
 
 log = logging.getLogger(__name__)
@@ -182,19 +183,30 @@ def _score_all(
 
 
 def score_pairs(
-    rows: Sequence[Any], src_feats: torch.Tensor, trg_feats: torch.Tensor, settings: MatchingSettings
+    rows: Sequence[Any],
+    src_feats: torch.Tensor,
+    trg_feats: torch.Tensor,
+    settings: MatchingSettings,
+    predictions: PredictionLog | None = None,
 ) -> list[PairScore]:
-    """Predict and score B pairs whose (B, C, h, w) features sit on the evaluation device."""
+    """Predict and score B pairs whose (B, C, h, w) features sit on the evaluation device (the predictions
+    are recorded in ``predictions`` when given)."""
     targets = [_squashed_targets(row, settings.image_size) for row in rows]
-    predictions = _predict([src for src, _, _ in targets], src_feats, trg_feats, settings)
-    return _score_all(rows, targets, predictions, settings)
+    predicted = _predict([src for src, _, _ in targets], src_feats, trg_feats, settings)
+    if predictions is not None:
+        predictions.add(rows, predicted)
+    return _score_all(rows, targets, predicted, settings)
 
 
 def score_pair(
-    row: Any, src_feat: torch.Tensor, trg_feat: torch.Tensor, settings: MatchingSettings
+    row: Any,
+    src_feat: torch.Tensor,
+    trg_feat: torch.Tensor,
+    settings: MatchingSettings,
+    predictions: PredictionLog | None = None,
 ) -> list[PairScore]:
     """Predict the target keypoints of one pair with every matching method and score them."""
-    return score_pairs([row], src_feat[None], trg_feat[None], settings)
+    return score_pairs([row], src_feat[None], trg_feat[None], settings, predictions)
 
 
 def _predict_in_bank(
@@ -253,12 +265,16 @@ def evaluate_pairs(
     features_for: FeatureFn,
     settings: MatchingSettings,
     device: str | torch.device | None = None,
+    predictions: PredictionLog | None = None,
 ) -> pd.DataFrame:
-    """Score every pair (``iter_predictions``: features once per distinct image, matched on the device)."""
+    """Score every pair (``iter_predictions``: features once per distinct image, matched on the device);
+    the predicted points are recorded in ``predictions`` when given."""
     scores: list[PairScore] = []
     with tqdm(total=len(pairs), desc="pairs", unit="pair") as bar:
-        for rows, targets, predictions in iter_predictions(pairs, features_for, settings, device):
-            scores.extend(_score_all(rows, targets, predictions, settings))
+        for rows, targets, predicted in iter_predictions(pairs, features_for, settings, device):
+            scores.extend(_score_all(rows, targets, predicted, settings))
+            if predictions is not None:
+                predictions.add(rows, predicted)
             bar.update(len(rows))
     return per_pair_frame(scores)
 
@@ -440,6 +456,7 @@ def evaluate_pairs_conditional(
     seed: int,
     pair_batch: int,
     latent_cache: LatentCache | None = None,
+    predictions: PredictionLog | None = None,
 ) -> pd.DataFrame:
     """Score pairs with per-pair (CPM) features; each UNet batch of pairs is matched in one device call."""
     batches = conditional_feature_batches(
@@ -457,7 +474,7 @@ def evaluate_pairs_conditional(
     )
     scores: list[PairScore] = []
     for chunk, src_feats, trg_feats in batches:
-        scores.extend(score_pairs(chunk, src_feats, trg_feats, settings))
+        scores.extend(score_pairs(chunk, src_feats, trg_feats, settings, predictions))
     return per_pair_frame(scores)
 
 
@@ -466,11 +483,16 @@ PROMPT_MODEL_KEYS = {"sd_model": "Stable Diffusion", "dinov2_model": "DINOv2"}
 
 
 def _check_prompt_model(
-    prompt_path: str | Path, meta: dict[str, Any], key: str, record_path: str | Path
+    prompt_path: str | Path, meta: dict[str, Any], key: str, record_path: str | Path | ModelRecord
 ) -> None:
-    """The prompt's sidecar must record the model (``{"id", "revision"}``) of the record actually used."""
+    """The prompt's sidecar must record the model (``{"id", "revision"}``) of the record actually used (a
+    record file, or the record of a local model folder)."""
     from sd4match.prompt_learning import sidecar_path
 
+    if isinstance(record_path, ModelRecord):
+        record, record_path = record_path, f"of the model folder {record_path.local_path}"
+    else:
+        record = read_model_record(record_path)
     side = sidecar_path(prompt_path)
     recorded = meta.get(key)
     if not isinstance(recorded, dict) or "revision" not in recorded:
@@ -479,7 +501,6 @@ def _check_prompt_model(
             f"with), so it cannot be checked against model record {record_path}; retrain the prompt, or "
             f'record "{key}": {{"id": ..., "revision": ...}} in the sidecar\'s metadata'
         )
-    record = read_model_record(record_path)
     if recorded["revision"] != record.revision_resolved:
         raise ValueError(
             f"prompt sidecar {side}: the prompt was trained with {PROMPT_MODEL_KEYS[key]} "
@@ -490,11 +511,13 @@ def _check_prompt_model(
 
 
 def check_prompt_models(
-    prompt_path: str | Path, sd_record_path: str | Path, dino_record_path: str | Path | None = None
+    prompt_path: str | Path,
+    sd_record_path: str | Path | ModelRecord,
+    dino_record_path: str | Path | ModelRecord | None = None,
 ) -> dict[str, Any]:
     """Refuse a prompt trained with other models than the records used: its sidecar's ``sd_model`` (and, for
-    CPM, ``dinov2_model``) revision must equal the record's; errors name the sidecar and the record. Returns
-    the sidecar's metadata."""
+    CPM, ``dinov2_model``) revision must equal the record's; errors name the sidecar and the record. Records
+    are files, or ``ModelRecord`` objects of local model folders. Returns the sidecar's metadata."""
     from sd4match.prompt_learning import read_sidecar
 
     data = read_sidecar(prompt_path)
@@ -547,11 +570,13 @@ def run_prompt_evaluation(
     per_pair_out: str | Path,
     summary_out: str | Path,
     latent_cache_path: str | Path | None = None,
+    predictions_out: str | Path | None = None,
 ) -> pd.DataFrame:
     """SD4Match with a learned prompt on one test set: per-image reuse for Single/Class, per pair for CPM.
 
     ``latent_cache_path``: the test split's latent cache (``caches.run_test_latent_cache``), read instead of
-    running the VAE (the same latents); None encodes each distinct image here.
+    running the VAE (the same latents); None encodes each distinct image here. The predicted points go to
+    ``predictions_out`` (parquet, ``sd4match.predictions``) when given.
     """
     from sd4match.caches import open_dino_cache
     from sd4match.features import load_sd_featurizer
@@ -579,11 +604,12 @@ def run_prompt_evaluation(
     )
     t, ensemble = evaluation["timestep"], evaluation["ensemble"]
     log.info("SD4Match-%s (%s) on %s: %d pairs", module.variant, prompt_path, pairs_path, len(pairs))
+    predictions = None if predictions_out is None else PredictionLog(image_size)
     if module.per_image:
         features_for = sd_text_prompt_features(
             featurizer, module, root, image_size, t, ensemble, seed, latents
         )
-        per_pair = evaluate_pairs(pairs, features_for, settings)
+        per_pair = evaluate_pairs(pairs, features_for, settings, predictions=predictions)
     else:
         if dino is None:
             raise ValueError(
@@ -600,9 +626,12 @@ def run_prompt_evaluation(
             ensemble,
             seed,
             evaluation["pair_batch"],
-            latents,
+            latent_cache=latents,
+            predictions=predictions,
         )
     log.info("UNet passes: %d (%d latents)", featurizer.unet_passes, featurizer.unet_samples)
+    if predictions is not None:
+        predictions.write(predictions_out)
     write_table_atomic(per_pair, per_pair_out)
     summary = summarise(per_pair)
     write_table_atomic(summary, summary_out)

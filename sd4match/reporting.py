@@ -1155,3 +1155,88 @@ def table3_from_files(
             "K", summaries, matching, paper_row, trained_on=trainset, method=label
         )
     return table3_full(entries)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom datasets (issue 11): every method the DAG evaluates on a dataset of the user's own
+# ----------------------------------------------------------------------------------------------------------
+
+THRESHOLD_DESCRIPTIONS = {
+    "bbox": "max side of the target bounding box",
+    "img": "the image size S",
+    "kps": "max extent of the target keypoints",
+}
+CUSTOM_ALPHA = 0.1  # the per-category columns
+
+
+@dataclass
+class CustomEntry:
+    """One method evaluated on a custom dataset: its row label, training set (None: zero-shot), the seed of
+    a tuned prompt (None: zero-shot), the matching method reported and the summary file's frame."""
+
+    method: str
+    trained_on: str | None
+    seed: int | None
+    matching: str
+    summary: pd.DataFrame
+
+
+def _custom_column(alpha: float, column: str) -> str:
+    """e.g. ``PCK@0.1 per image``."""
+    return f"PCK@{alpha:g} {PCK_VARIANTS[column]}"
+
+
+def custom_table(entries: list[CustomEntry], alphas: tuple[float, ...], name: str) -> pd.DataFrame:
+    """One row per method on the custom dataset ``name``: PCK per image and per keypoint at each alpha, then
+    PCK@0.1 per image of each category when there are several (in %, from the summaries' ``All`` rows)."""
+    if not entries:
+        raise ValueError(f"custom_table {name}: no methods to list")
+    categories = sorted(set(entries[0].summary["category"]) - {ALL_CATEGORY})
+    rows = []
+    for entry in entries:
+        where = f"{name} / {entry.method}"
+        _check_matching(entry.matching, where)
+        trained = "-" if entry.trained_on is None else TRAIN_SET_NAMES.get(entry.trained_on, entry.trained_on)
+        row: dict[str, Any] = {
+            **_label_row(entry.method, "ours", entry.matching),
+            TRAINED_ON_COLUMN: trained,
+            "seed": "-" if entry.seed is None else str(entry.seed),
+        }
+        for column in PCK_VARIANTS:
+            for alpha in alphas:
+                row[_custom_column(alpha, column)] = summary_pck(
+                    entry.summary, ALL_CATEGORY, entry.matching, alpha, where, column
+                )
+        if len(categories) > 1:
+            for category in categories:
+                row[f"{category}@{CUSTOM_ALPHA:g}"] = summary_pck(
+                    entry.summary, category, entry.matching, CUSTOM_ALPHA, where
+                )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def custom_entries_from_files(
+    zero_shot: dict[str, str],
+    sd4match: dict[str, str],
+    variants: dict[str, dict[str, Any]],
+    matching: str,
+    zero_shot_matching: str,
+) -> list[CustomEntry]:
+    """Entries of the custom table from summary files keyed ``<method>`` (zero-shot) and
+    ``<trainset>/<variant>/<seed>`` (tuned prompts, every seed)."""
+    entries = [
+        CustomEntry(ZERO_SHOT_PAPER_ROWS.get(method, method), None, None, zero_shot_matching, _read(path))
+        for method, path in zero_shot.items()
+    ]
+    for key, path in sd4match.items():
+        trainset, variant, seed = key.split("/")
+        label = variant_label(variants[variant]["kind"], variant)
+        entries.append(CustomEntry(label, trainset, int(seed), matching, _read(path)))
+    return entries
+
+
+def custom_title(name: str, threshold: str, pairs_note: str) -> str:
+    """Title of a custom dataset's table: its name, PCK threshold and the pairs it holds."""
+    note = f"; {pairs_note.removeprefix('Pairs: ').rstrip('.')}" if pairs_note else ""
+    return f"Custom dataset {name}: PCK, θ = {THRESHOLD_DESCRIPTIONS[threshold]}{note}"

@@ -30,6 +30,7 @@ from sd4match.evaluation import (
 from sd4match.io import write_table_atomic
 from sd4match.metrics import summarise
 from sd4match.models import load_clip_vision, load_dino, load_dinov2, load_stable_diffusion, read_model_record
+from sd4match.predictions import PredictionLog
 from sd4match.prompts import TextPrompt
 
 log = logging.getLogger(__name__)
@@ -160,16 +161,20 @@ def run_zero_shot(
     captioner_path: str | Path | None = None,
     captioner_cfg: dict[str, Any] | None = None,
     latent_cache_path: str | Path | None = None,
+    predictions_out: str | Path | None = None,
 ) -> pd.DataFrame:
     """Evaluate one zero-shot method on one test set (its ``protocol``, module docstring); ``records`` maps
     model roles to model-record files. ``latent_cache_path`` (DIFT in the squashed frame): the test split's
-    latent cache, read instead of running the VAE."""
+    latent cache, read instead of running the VAE. The predicted points of the squashed-frame protocol go to
+    ``predictions_out`` (parquet, ``sd4match.predictions``) when given; a peer's own protocol (``original``,
+    ``padded``) predicts in its own frame and records none there (the file has no rows)."""
     from sd4match.frames import evaluate_with_scorer
     from sd4match.peer_protocols import PEER_METHODS, OriginalFrameScorer, PaddedFrameScorer
 
     pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
     root = read_location(location_path).root
     settings = matching_settings(matching, alphas, image_size)
+    predictions = None if predictions_out is None else PredictionLog(image_size)
     protocol = method_protocol(method)
     if protocol != "squashed":
         log.info("protocol %s matches by %s only (the config's matching methods do not apply)", protocol,
@@ -182,7 +187,7 @@ def run_zero_shot(
         if protocol == "original":
             per_pair = evaluate_with_scorer(pairs, feature_fn, OriginalFrameScorer(tuple(alphas)), device)
         else:
-            per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
+            per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device, predictions=predictions)
     elif method["kind"] == "vit":
         from sd4match.baselines import VitFacet, vit_feature_fn
 
@@ -194,7 +199,7 @@ def run_zero_shot(
         if padded:
             per_pair = evaluate_with_scorer(pairs, feature_fn, _vit_scorer(model, method, alphas), device)
         else:
-            per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
+            per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device, predictions=predictions)
     elif method["kind"] == "sd_dino":
         from sd4match.baselines import evaluate_sd_dino
 
@@ -209,9 +214,11 @@ def run_zero_shot(
         if protocol == "padded":  # keypoints in DINO's padded square, as sd-dino
             scorer = PaddedFrameScorer(method["dino_image_size"], tuple(alphas))
         # the networks run once per distinct image; the co-PCA and the scoring per pair
-        per_pair = evaluate_sd_dino(pairs, featurizer, settings, root, scorer=scorer)
+        per_pair = evaluate_sd_dino(pairs, featurizer, settings, root, scorer=scorer, predictions=predictions)
     else:
         raise ValueError(f"zero-shot method kind {method['kind']!r} is unknown (sd, vit, sd_dino)")
+    if predictions is not None:
+        predictions.write(predictions_out)
     write_table_atomic(per_pair, per_pair_out)
     summary = summarise(per_pair)
     write_table_atomic(summary, summary_out)

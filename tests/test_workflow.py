@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import re
 import shlex
 import shutil
@@ -100,6 +101,11 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     demo = PAPER_JOBS | {"evaluate_zero_shot": 32 - 9, "evaluate_prompt_timestep": 1}
     demo |= {"train_prompt": 10 + 1, "evaluate_prompt": 18 + 3}
     demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1}
+    # and its custom dataset `shapes` (issue 11): written, linked, parsed; DINO, DINOv2, DIFT and SD+DINO;
+    # every tuned prompt but Class (spair/single x 2 seeds, spair/cpm, pfpascal/single, pfpascal/cpm), whose
+    # CPM runs need its DINOv2 tokens; its table
+    demo |= {"demo_custom_dataset": 1, "fetch_dataset": 3 + 1, "pairs_table": 7 + 1, "table_custom": 1}
+    demo |= {"evaluate_zero_shot": 18 + 4, "evaluate_prompt": 21 + 5, "dino_cache": 5 + 1}
     assert counts == demo | {"total": sum(demo.values())}
 
 
@@ -221,6 +227,38 @@ def test_timestep_evaluation_differs_from_the_main_one_only_in_its_timestep():
         body = text.split(f"rule {rule}:", 1)[1]
         assert body.split("input:", 1)[1].split("output:", 1)[0].strip() == "unpack(evaluate_prompt_inputs),"
         assert '"../workflow_scripts/evaluate_prompt.py"' in body.split("\nrule ", 1)[0]
+
+
+def test_a_custom_dataset_joins_every_evaluation(empty_workdir: Path):
+    """A user's folder + pairs.csv configured as `datasets.mine`: fetched (linked), parsed, evaluated by the
+    default zero-shot baselines and every tuned prompt but Class, in its own table and in `all`."""
+    folder = empty_workdir / "my_data"
+    folder.mkdir()
+    (folder / "pairs.csv").write_text("source,target,source_kps,target_kps\n")
+    entry = {"kind": "custom", "local_path": str(folder), "threshold": "img"}
+    (empty_workdir / "mine.yaml").write_text(yaml.safe_dump({"datasets": {"mine": entry}}))
+    configs = ("--configfile", "config.yaml", "mine.yaml")
+    counts = dry_run("-d", str(empty_workdir), "results/tables/custom_mine.md", *configs, cwd=empty_workdir)
+    assert counts == {
+        "fetch_dataset": 3,  # mine, and SPair / PF-Pascal for training
+        "resolve_model": 5,
+        "pairs_table": 5,  # mine test, SPair and PF-Pascal trn/val
+        "evaluate_zero_shot": 4,  # dino, dinov2, dift, sddino
+        "latent_cache": 2,
+        "test_latent_cache": 1,  # mine's VAE posteriors (DIFT and the tuned prompts read them)
+        "dino_cache": 3,  # mine test (CPM), SPair and PF-Pascal trn+val
+        "train_prompt": 4,  # spair single/cpm, pfpascal single/cpm
+        "evaluate_prompt": 4,
+        "fetch_captioner": 1,
+        "table_custom": 1,
+        "total": 33,
+    }
+    full = dry_run("-d", str(empty_workdir), *configs, cwd=empty_workdir)
+    assert full["table_custom"] == 1 and full["evaluate_zero_shot"] == PAPER_JOBS["evaluate_zero_shot"] + 4
+    entry["zero_shot"] = ["dift"]
+    (empty_workdir / "mine.yaml").write_text(yaml.safe_dump({"datasets": {"mine": entry}}))
+    counts = dry_run("-d", str(empty_workdir), "custom_tables", *configs, cwd=empty_workdir)
+    assert counts["evaluate_zero_shot"] == 1 and counts["custom_tables"] == 1
 
 
 def test_named_table_target_plans_no_training(empty_workdir: Path):
@@ -435,10 +473,11 @@ GPU_RULES = {
 LOCAL_RULES = {
     "all", "tables", "figures", "demo_datasets", "tiny_model", "tiny_captioner", "fetch_dataset",
     "fetch_captioner", "resolve_model", "refresh_model_lock", "table_zero_shot_dift", "table1", "table2",
-    "table3", "fig3a", "fig3b", *(f"ablation_cpm_{case}" for case in (
-        "pair_local", "pair_global", "individual_local", "individual_global", "no_global", "no_gn")),
+    "table3", "fig3a", "fig3b", "demo_custom_dataset", "table_custom", "custom_tables",
     "import_released_prompts", "demo_released_prompts", "released_table", "released_prompts",
     "released_tables",
+    *(f"ablation_cpm_{case}" for case in (
+        "pair_local", "pair_global", "individual_local", "individual_global", "no_global", "no_gn")),
 }  # fmt: skip
 
 
@@ -547,7 +586,9 @@ def test_editing_a_setting_reruns_only_what_it_changes(empty_workdir: Path):
     counts = dry_run("-d", str(empty_workdir), "--configfile", *DEMO_CONFIGS, cwd=empty_workdir)
     planned = {rule for rule in counts if rule not in ("total", "all")}
     # the reported matching picks table columns: tables and plots rerun, no evaluation and no training
-    assert planned == {"fig4", "fig5", "qualitative", "table2", "table3", "fig3a", "fig3b"}, counts
+    assert planned == {"fig4", "fig5", "qualitative", "table2", "table3", "fig3a", "fig3b", "table_custom"}, (
+        counts
+    )
 
 
 # ------------------------------------------------------------------------ the demo DAG, run once (slow)
@@ -634,6 +675,36 @@ def test_demo_dag_runs_end_to_end(demo_project: Path):
     assert not (demo_project / "logs/paper").exists() and not (demo_project / "benchmarks/paper").exists()
     records = [r for r in (demo_project / "resources/demo/models").glob("*.json") if r.stem in MODEL_NAMES]
     assert records and all(not str(json_field(r, "local_path")).startswith("/") for r in records)
+
+
+@pytest.mark.slow
+def test_demo_custom_dataset_table_and_readme_match_command(demo_project: Path):
+    """The demo's custom dataset went through the DAG, and the README's `sd4match match` command runs as
+    written after the demo (its picture and its JSON on stdout)."""
+    from test_match import readme_match_commands
+
+    out = demo_project / "results/demo"
+    table = pd.read_csv(out / "tables/custom_shapes.csv")
+    rows = set(zip(table["method"], table["trained_on"], table["seed"].astype(str), strict=True))
+    assert rows == {
+        ("DINO", "-", "-"), ("DINOv2", "-", "-"), ("DIFT", "-", "-"), ("SD+DINO", "-", "-"),
+        ("SD4Match-Single", "SPair-71k", "0"), ("SD4Match-Single", "SPair-71k", "1"),
+        ("SD4Match-CPM", "SPair-71k", "0"), ("SD4Match-Single", "PF-Pascal", "0"),
+        ("SD4Match-CPM", "PF-Pascal", "0"),
+    }  # fmt: skip
+    assert len(table) == 9 and list(table["method"])[:4] == ["DINO", "DINOv2", "DIFT", "SD+DINO"]
+    assert "DEMO RUN" in (out / "tables/custom_shapes.md").read_text()
+    pairs = pd.read_parquet(out / "pairs/shapes_test.parquet")
+    predictions = pd.read_parquet(out / "sd4match/spair/cpm/seed0/shapes/predictions.parquet")
+    assert len(predictions) == 3 * pairs["n_kps"].sum()
+    command = next(words for words in readme_match_commands() if "--demo" in words)
+    script = Path(sys.executable).parent / "sd4match"
+    runner = [str(script)] if script.exists() else [sys.executable, "-m", "sd4match.match_cli"]
+    result = subprocess.run([*runner, *command[1:]], cwd=demo_project, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout)
+    assert len(data["matches"]) == 16 and data["settings"]["demo"] is True
+    assert (demo_project / "match.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def json_field(path: Path, key: str):  # noqa: ANN201

@@ -25,6 +25,7 @@ with log_to(snakemake.log[0]), allocate_gpus(snakemake.resources.gpu) as lease: 
         device=device_for(lease),
         per_pair_out=snakemake.output.per_pair,  # noqa: F821
         summary_out=snakemake.output.summary,  # noqa: F821
+        predictions_out=snakemake.output.predictions,  # noqa: F821
         captioner_path=json.loads(open(captioner).read())["path"] if captioner else None,
         captioner_cfg=p.captioner,
         latent_cache_path=inp.get("latent_cache"),  # DIFT: the test split's VAE posteriors
