@@ -271,6 +271,13 @@ def _check_custom_datasets(config: Mapping[str, Any], source: str) -> None:
         )
         for method in custom_zero_shot(cfg):
             try:
-                method_config(config["zero_shot"], method)
+                protocol = method_config(config["zero_shot"], method).get("protocol", "squashed")
             except ValueError as error:
                 raise config_error(source, f"{key}.zero_shot", str(error)) from error
+            if protocol != "squashed":  # the peers' own protocols know only the official thresholds
+                raise config_error(
+                    source,
+                    f"{key}.zero_shot",
+                    f"{method!r} is scored by its authors' {protocol!r} protocol, defined for the official "
+                    "datasets; list a squashed-frame method instead (e.g. dift, sddino_squashed)",
+                )

@@ -240,12 +240,14 @@ def with_dataset(config: dict, name: str, entry: dict) -> dict:
 def test_config_accepts_a_custom_dataset_and_names_bad_keys(paper_config: dict):
     entry = {"kind": "custom", "local_path": "data/mine", "threshold": "kps", "pairs": "pairs.json"}
     checked = validate_config(with_dataset(paper_config, "my_set2", entry))
-    assert custom_zero_shot(checked["datasets"]["my_set2"]) == ["dino", "dinov2", "dift", "sddino"]
+    assert custom_zero_shot(checked["datasets"]["my_set2"]) == ["dino", "dinov2", "dift", "sddino_squashed"]
     bad = [
         ("My-Set", entry, "key 'datasets': 'My-Set' does not match any of the regexes"),
         ("mine", entry | {"threshold": "box"}, "key 'datasets.mine.threshold': 'box' is not one of"),
         ("mine", entry | {"pairs": "sub/p.csv"}, "key 'datasets.mine.pairs': 'sub/p.csv' does not match"),
         ("mine", entry | {"zero_shot": ["dift", "dfit"]}, "key 'datasets.mine.zero_shot' zero-shot method"),
+        ("mine", entry | {"zero_shot": ["sddino"]}, "key 'datasets.mine.zero_shot' 'sddino' is scored by its "
+         "authors' 'padded' protocol, defined for the official datasets"),
         ("spair", entry, "key 'datasets.spair': Additional properties are not allowed"),
     ]  # fmt: skip
     for name, value, message in bad:
@@ -280,11 +282,12 @@ def test_custom_table_lists_every_method(tmp_path: Path):
     ]
     table = custom_table(entries, (0.05, 0.1, 0.15), "mine")
     assert table.to_dict("records") == [
-        {"method": "DIFT", "matching": "nn", "source": "ours", "pck": "per image", "trained_on": "-",
-         "seed": "-", "PCK@0.05 per image": 10.0, "PCK@0.1 per image": 20.0, "PCK@0.15 per image": 30.0,
+        {"method": "DIFT", "matching": "nn", "source": "ours", "pck": "per image",
+         "protocol": "squashed frame", "trained_on": "-", "seed": "-", "PCK@0.05 per image": 10.0, "PCK@0.1 per image": 20.0, "PCK@0.15 per image": 30.0,
          "PCK@0.05 per keypoint": 12.0, "PCK@0.1 per keypoint": 24.0, "PCK@0.15 per keypoint": 36.0,
          "car@0.1": 21.0, "cat@0.1": 19.0},
         {"method": "SD4Match-CPM", "matching": "kernel_softmax", "source": "ours", "pck": "per image",
+         "protocol": "squashed frame",
          "trained_on": "SPair-71k", "seed": "0", "PCK@0.05 per image": 15.0, "PCK@0.1 per image": 25.0,
          "PCK@0.15 per image": 35.0, "PCK@0.05 per keypoint": 17.0, "PCK@0.1 per keypoint": 29.0,
          "PCK@0.15 per keypoint": 41.0, "car@0.1": 26.0, "cat@0.1": 19.0},

@@ -105,7 +105,8 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     # every tuned prompt but Class (spair/single x 2 seeds, spair/cpm, pfpascal/single, pfpascal/cpm), whose
     # CPM runs need its DINOv2 tokens; its table
     demo |= {"demo_custom_dataset": 1, "fetch_dataset": 3 + 1, "pairs_table": 7 + 1, "table_custom": 1}
-    demo |= {"evaluate_zero_shot": 18 + 4, "evaluate_prompt": 21 + 5, "dino_cache": 5 + 1}
+    demo |= {"evaluate_zero_shot": 23 + 4, "evaluate_prompt": 21 + 5, "dino_cache": 5 + 1}
+    demo |= {"test_latent_cache": 3 + 1}  # its VAE posteriors (DIFT and the tuned prompts read them)
     assert counts == demo | {"total": sum(demo.values())}
 
 
@@ -243,7 +244,7 @@ def test_a_custom_dataset_joins_every_evaluation(empty_workdir: Path):
         "fetch_dataset": 3,  # mine, and SPair / PF-Pascal for training
         "resolve_model": 5,
         "pairs_table": 5,  # mine test, SPair and PF-Pascal trn/val
-        "evaluate_zero_shot": 4,  # dino, dinov2, dift, sddino
+        "evaluate_zero_shot": 4,  # dino, dinov2, dift, sddino_squashed
         "latent_cache": 2,
         "test_latent_cache": 1,  # mine's VAE posteriors (DIFT and the tuned prompts read them)
         "dino_cache": 3,  # mine test (CPM), SPair and PF-Pascal trn+val
