@@ -283,7 +283,8 @@ def test_custom_table_lists_every_method(tmp_path: Path):
     table = custom_table(entries, (0.05, 0.1, 0.15), "mine")
     assert table.to_dict("records") == [
         {"method": "DIFT", "matching": "nn", "source": "ours", "pck": "per image",
-         "protocol": "squashed frame", "trained_on": "-", "seed": "-", "PCK@0.05 per image": 10.0, "PCK@0.1 per image": 20.0, "PCK@0.15 per image": 30.0,
+         "protocol": "squashed frame", "trained_on": "-", "seed": "-",
+         "PCK@0.05 per image": 10.0, "PCK@0.1 per image": 20.0, "PCK@0.15 per image": 30.0,
          "PCK@0.05 per keypoint": 12.0, "PCK@0.1 per keypoint": 24.0, "PCK@0.15 per keypoint": 36.0,
          "car@0.1": 21.0, "cat@0.1": 19.0},
         {"method": "SD4Match-CPM", "matching": "kernel_softmax", "source": "ours", "pck": "per image",
