@@ -508,16 +508,26 @@ def _number(value: float, digits: int, signed: bool) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def format_bounds(lo: float, hi: float, digits: int = 1, signed: bool = False) -> str:
+    """The bracket of an interval, ``[74.6, 76.0]`` (``signed``: ``[-0.3, +2.6]``)."""
+    return f"[{_number(lo, digits, signed)}, {_number(hi, digits, signed)}]"
+
+
 def format_interval(point: float, lo: float, hi: float, digits: int = 1, signed: bool = False) -> str:
     """``75.3 [74.6, 76.0]`` (``signed``: ``+1.2 [-0.3, +2.6]``, for differences)."""
-    return f"{_number(point, digits, signed)} [{_number(lo, digits, signed)}, {_number(hi, digits, signed)}]"
+    return f"{_number(point, digits, signed)} {format_bounds(lo, hi, digits, signed)}"
+
+
+def format_sd(std: float, n_seeds: int, digits: int = 1) -> str:
+    """What follows a mean across seeds: ``± 3.6 (3 seeds)``; one seed has no spread: ``(1 seed)``."""
+    if n_seeds == 1 or math.isnan(std):
+        return f"({n_seeds} seed{'s' if n_seeds != 1 else ''})"
+    return f"± {std:.{digits}f} ({n_seeds} seeds)"
 
 
 def format_spread(mean: float, std: float, n_seeds: int, digits: int = 1) -> str:
     """``73.0 ± 3.6 (3 seeds)``; one seed has no spread: ``73.0 (1 seed)``."""
-    if n_seeds == 1 or math.isnan(std):
-        return f"{mean:.{digits}f} ({n_seeds} seed{'s' if n_seeds != 1 else ''})"
-    return f"{mean:.{digits}f} ± {std:.{digits}f} ({n_seeds} seeds)"
+    return f"{mean:.{digits}f} {format_sd(std, n_seeds, digits)}"
 
 
 def paper_within(paper: float | None, lo: float, hi: float, resolution: float = 0.1) -> bool | None:

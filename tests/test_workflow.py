@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import re
 import shlex
 import shutil
@@ -59,6 +60,9 @@ PAPER_JOBS = {
     "fetch_captioner": 1,
     "resolve_model": 5,  # SD 2-1, SD 1-5, DINOv2, DINO, CLIP ViT-L/14-336
     "pairs_table": 7,  # three test splits + SPair and PF-Pascal trn/val
+    # Tables 2 and 3 show the authors' released prompts: the import is a checkpoint, so a dry run plans it and
+    # their evaluations (evaluate_released_prompt) join the DAG once it has run
+    "import_released_prompts": 1,
     # DIFT x3, DIFT-empty, DINO x3, DINOv2 x3, SD+DINO x3, SD+DINO* x3 (Table 1), DIFT at 10 t (Fig. 3b):
     # Fig. 3b's DIFT point at t=261 is the main DIFT SPair job (same method, prompt, ensemble, seed), reused
     "evaluate_zero_shot": 26,
@@ -93,10 +97,11 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     )
     # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 2 timesteps
     # (50, 261: SD4Match's t=50 and DIFT's t=261 points are the main evaluations, so one job of each sweep
-    # runs); it trains spair/single with a second seed (seeds_per_run), evaluated on the three test sets
+    # runs); it trains spair/single with a second seed (seeds_per_run), evaluated on the three test sets;
+    # it packs its own release of the authors' prompts (demo_released_prompts) for Tables 2 and 3
     demo = PAPER_JOBS | {"evaluate_zero_shot": 26 - 9, "evaluate_prompt_timestep": 1}
     demo |= {"train_prompt": 10 + 1, "evaluate_prompt": 18 + 3}
-    demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1}
+    demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1, "demo_released_prompts": 1}
     assert counts == demo | {"total": sum(demo.values())}
 
 
@@ -244,8 +249,8 @@ def test_slurm_profile_names_only_existing_rules():
 def planned_jobs(output: str) -> list[dict]:
     """The jobs of a (non-quiet) dry run: rule, output, log, benchmark, threads and resources of each."""
     jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \S+:\n)", output):
-        header = re.match(r"(?:local)?rule (\S+):\n", block)
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \S+:\n)", output):
+        header = re.match(r"(?:local)?(?:rule|checkpoint) (\S+):\n", block)
         if not header:
             continue
         fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.M))
@@ -499,11 +504,23 @@ def test_demo_and_paper_runs_never_share_a_log_or_benchmark(empty_workdir: Path)
     assert all(p.startswith(("logs/demo/", "benchmarks/demo/")) for p in demo)
 
 
-def _finished_demo_workdir(workdir: Path) -> None:
-    """Make every output of the demo DAG exist and record its job metadata (params) with --touch."""
+def _touch_planned_outputs(workdir: Path) -> None:
+    """Create every output of the jobs a dry run of the demo DAG plans; the released-prompt import
+    checkpoint's outputs are those of a finished import of the demo release, so its evaluations get planned
+    next."""
+    from sd4match.released_demo import PAPER_RELEASE
+
     plan = snakemake("-n", "-d", str(workdir), "--configfile", *DEMO_CONFIGS, cwd=workdir)
     assert plan.returncode == 0, plan.stderr[-3000:]
     for job in planned_jobs(plan.stdout + plan.stderr):
+        if job["rule"] == "import_released_prompts":
+            prompts, report = (workdir / output for output in job["output"])
+            for trainset, variant in PAPER_RELEASE:
+                (prompts / trainset / variant).mkdir(parents=True, exist_ok=True)
+                (prompts / trainset / variant / "prompt.safetensors").touch()
+            imported = [{"trainset": t, "variant": v} for t, v in PAPER_RELEASE]
+            report.write_text(json.dumps({"imported": imported}))
+            continue
         for output in job["output"]:
             path = workdir / output
             if job["rule"] == "tiny_model":
@@ -511,6 +528,12 @@ def _finished_demo_workdir(workdir: Path) -> None:
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
+
+
+def _finished_demo_workdir(workdir: Path) -> None:
+    """Make every output of the demo DAG exist and record its job metadata (params) with --touch."""
+    _touch_planned_outputs(workdir)
+    _touch_planned_outputs(workdir)  # the released prompts' evaluations, planned after the import
     # --forceall: touch every output in DAG order and record each job's params, as a finished run does
     configs = ("--configfile", *DEMO_CONFIGS)
     touched = snakemake("--touch", "--forceall", "--cores", "1", "-d", str(workdir), *configs, cwd=workdir)

@@ -1,14 +1,19 @@
-"""Snakemake adapter: the zero-shot DIFT table (paper layout, paper numbers, deltas, provenance)."""
-
-import pandas as pd
+"""Snakemake adapter: the zero-shot DIFT table (paper layout, paper numbers, deltas, intervals)."""
 
 from sd4match.logs import log_to
 from sd4match.provenance import build_provenance
 from sd4match.reporting import write_table, zero_shot_table
+from sd4match.table_cells import read_evaluation
+from sd4match.uncertainty import BootstrapSettings
+from sd4match.uncertainty_tables import table_notes
 
 with log_to(snakemake.log[0]):  # noqa: F821
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-    summaries = {dataset: pd.read_csv(path) for dataset, path in zip(p.datasets, i.summaries, strict=True)}
+    settings = BootstrapSettings()
+    summaries = {
+        dataset: read_evaluation(path, settings)
+        for dataset, path in zip(p.datasets, i.summaries, strict=True)
+    }
     others = tuple(m for m in p.matching["methods"] if m != p.reported)
     table = zero_shot_table(
         summaries, "DIFT", p.reported, paper_row="DIFT", per_keypoint=True, other_matchings=others
@@ -22,4 +27,5 @@ with log_to(snakemake.log[0]):  # noqa: F821
         prov=prov,
         html_path=o.html,
         caption_path=o.caption,
+        notes=table_notes(i.pairs, settings, p.max_pairs),
     )
