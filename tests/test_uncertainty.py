@@ -403,3 +403,14 @@ def test_compact_formatting_and_paper_number_inside():
         "Intervals: 95% percentile bootstrap over image pairs (2000 resamples, seed 0), resampling pairs "
         "within each category; per keypoint resamples pairs too (ratio estimator)."
     )
+
+
+def test_bounds_and_seed_spread_parts_compose_the_compact_forms():
+    from sd4match.uncertainty import format_bounds, format_sd
+
+    assert format_bounds(74.6, 76.0) == "[74.6, 76.0]"
+    assert format_bounds(-0.3, 2.6, signed=True) == "[-0.3, +2.6]"
+    assert format_sd(math.sqrt(13.0), 3) == "± 3.6 (3 seeds)"
+    assert format_sd(float("nan"), 1) == "(1 seed)"
+    assert f"75.3 {format_bounds(74.6, 76.0)}" == format_interval(75.3, 74.6, 76.0)
+    assert f"73.0 {format_sd(math.sqrt(13.0), 3)}" == format_spread(73.0, math.sqrt(13.0), 3)
