@@ -26,6 +26,36 @@ rule latent_cache:
         "../workflow_scripts/latent_cache.py"
 
 
+# The test splits' VAE posteriors, one VAE pass per distinct image for the whole DAG: every evaluation of the
+# split (learned prompts, released prompts, DIFT) samples its latents from it. SD is loaded as the evaluations
+# load it and each image encoded alone, so the numbers equal those of a VAE pass in the evaluation job; the
+# job runs on the evaluations' kind of device (gpu.evaluate).
+rule test_latent_cache:
+    input:
+        pairs=pairs_table("{dataset}", "test"),
+        data=fetch_record("{dataset}"),
+        model=model_record("{model}"),
+    output:
+        cache=test_latent_cache("{dataset}", "{model}"),
+        sidecar=test_latent_cache("{dataset}", "{model}") + ".json",
+    log:
+        log_path("cache/latents_{dataset}_test_{model}.log"),
+    benchmark:
+        bench_path("cache/latents_{dataset}_test_{model}.tsv")
+    conda:
+        CONDA_ENV
+    threads: 4
+    resources:
+        gpu=config["gpu"]["evaluate"],
+        mem_mb=32000,
+        runtime=60,
+    params:
+        image_size=config["image_size"],
+        encoder=VAE_ENCODER,
+    script:
+        "../workflow_scripts/test_latent_cache.py"
+
+
 rule dino_cache:
     input:
         pairs=lambda wc: (

@@ -5,6 +5,7 @@ from pathlib import Path
 from sd4match.config import is_demo, method_config, validate_config
 from sd4match.config_checks import train_settings_data
 from sd4match.provenance import canonical, subset_hash
+from sd4match.reporting import zero_shot_protocols
 from sd4match.seeds import (
     check_seeds,
     coerce_seed_lists,
@@ -161,6 +162,18 @@ def latent_cache(dataset):
     return f"{OUT}/cache/latents/{dataset}_trnval.safetensors"
 
 
+def test_latent_cache(dataset, model):
+    """VAE posteriors of a test split's images under SD model `model`, read by every evaluation of the split."""
+    return f"{OUT}/cache/latents/{dataset}_test_{model}.safetensors"
+
+
+# What the test latents depend on besides the model and the image size: how the evaluations load the VAE.
+VAE_ENCODER = {
+    "precision": config["features"]["precision"],
+    "channels_last": config["features"].get("channels_last", False),
+}
+
+
 def dino_cache(dataset, part):
     return f"{OUT}/cache/dinov2/{dataset}_{part}.safetensors"
 
@@ -226,6 +239,7 @@ def evaluate_prompt_inputs(wildcards):
         "pairs": pairs_table(wildcards.dataset, "test"),
         "data": fetch_record(wildcards.dataset),
         "sd_model": model_record(SD4["model"]),
+        "latent_cache": test_latent_cache(wildcards.dataset, SD4["model"]),
     }
     if variant_kind(wildcards.variant) == "cpm":
         inputs["dino_cache"] = dino_cache(wildcards.dataset, "test")
@@ -258,6 +272,9 @@ def zero_shot_inputs(wildcards):
         "data": fetch_record(wildcards.dataset),
         "model": model_record(method["model"]),
     }
+    if method["kind"] == "sd" and method.get("protocol", "squashed") == "squashed":
+        # DIFT in the S x S frame reads the test split's VAE posteriors (its own protocol encodes its own resize)
+        inputs["latent_cache"] = test_latent_cache(wildcards.dataset, method["model"])
     if method.get("dino_model"):
         inputs["dino_model"] = model_record(method["dino_model"])
     if method.get("prompt") == "implicit":
@@ -278,6 +295,16 @@ def zero_shot_summary(method, dataset):
 
 def zero_shot_per_pair(method, dataset):
     return f"{OUT}/zero_shot/{method}/{dataset}/per_pair.csv"
+
+
+def zero_shot_row_protocols(methods):
+    """How each zero-shot method's table rows were obtained (sd4match.table_protocols), for table params;
+    ``methods`` a list of names, or a dict whose values name the methods (keys kept)."""
+    names = methods if isinstance(methods, dict) else {m: m for m in methods}
+    protocols = zero_shot_protocols(
+        {m: method_config(ZS, m) for m in set(names.values())}
+    )
+    return {key: protocols[m] for key, m in names.items()}
 
 
 def zero_shot_summaries(methods):
@@ -359,7 +386,11 @@ SD4_KEYS = (
     "sd4match.training",
     "sd4match.evaluation",
 )
-TABLE2_ZERO_SHOT = ("dino", "dinov2", "dift", "sddino")
+# Tables 2/3: each peer by its own protocol beside the paper's number (DINO and DINOv2: unstated, so ours),
+# then DIFT and SD+DINO in this pipeline's 768 frame for comparison with SD4Match (reporting.ZERO_SHOT_LABELS)
+TABLE2_ZERO_SHOT = ("dino", "dinov2", "dift_orig", "sddino", "dift", "sddino_squashed")
+# The zero-shot DIFT table: DIFT's own protocol (beside the paper's numbers), then this pipeline's 768 frame
+ZERO_SHOT_DIFT = ("dift_orig", "dift")
 TABLE1_ZERO_SHOT = (
     "dift_empty",
     "dift",
@@ -367,6 +398,14 @@ TABLE1_ZERO_SHOT = (
     "sddino_star_template",
     "sddino_star",
 )
+# Table 1's cells: (row, prompt) -> zero-shot method
+TABLE1_CELLS = {
+    ("DIFT", "empty"): "dift_empty",
+    ("DIFT", "template"): "dift",
+    ("SD+DINO*", "empty"): "sddino_star_empty",
+    ("SD+DINO*", "template"): "sddino_star_template",
+    ("SD+DINO*", "implicit"): "sddino_star",
+}
 ALL_MODELS = ("sd21", "sd15", "dino", "dinov2", CAPTIONER["clip_model"])
 
 
@@ -523,6 +562,7 @@ def released_eval_inputs(wildcards):
         "pairs": pairs_table(wildcards.dataset, "test"),
         "data": fetch_record(wildcards.dataset),
         "sd_model": model_record(SD4["model"]),
+        "latent_cache": test_latent_cache(wildcards.dataset, SD4["model"]),
     }
     if wildcards.released_variant == "cpm":
         inputs["dino_cache"] = dino_cache(wildcards.dataset, "test")

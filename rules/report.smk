@@ -11,10 +11,14 @@ evaluations follow the import checkpoint (rules/released.smk).
 
 rule table_zero_shot_dift:
     input:
-        summaries=[zero_shot_summary("dift", d) for d in TEST_DATASETS],
-        per_pair=per_pairs_of([zero_shot_summary("dift", d) for d in TEST_DATASETS]),
+        summaries=[
+            zero_shot_summary(m, d) for m in ZERO_SHOT_DIFT for d in TEST_DATASETS
+        ],
+        per_pair=per_pairs_of(
+            [zero_shot_summary(m, d) for m in ZERO_SHOT_DIFT for d in TEST_DATASETS]
+        ),
         pairs=[pairs_report(d) for d in TEST_DATASETS],
-        models=[model_record(ZS["dift"]["model"])],
+        models=sorted({model_record(ZS[m]["model"]) for m in ZERO_SHOT_DIFT}),
     output:
         csv=f"{OUT}/tables/zero_shot_dift.csv",
         md=f"{OUT}/tables/zero_shot_dift.md",
@@ -30,14 +34,19 @@ rule table_zero_shot_dift:
         runtime=10,
     params:
         datasets=TEST_DATASETS,
+        summaries={
+            m: {d: zero_shot_summary(m, d) for d in TEST_DATASETS}
+            for m in ZERO_SHOT_DIFT
+        },
+        protocols=zero_shot_row_protocols(ZERO_SHOT_DIFT),
         matching=EVAL_MATCHING,
         reported=config["zero_shot_matching"],
         max_pairs=config["evaluation"]["max_pairs"],
         provenance=provenance(
             "zero_shot_matching",
-            models=[ZS["dift"]["model"]],
+            models=sorted({ZS[m]["model"] for m in ZERO_SHOT_DIFT}),
             datasets=TEST_DATASETS,
-            zero_shot=["dift"],
+            zero_shot=ZERO_SHOT_DIFT,
         ),
     script:
         "../workflow_scripts/table_zero_shot_dift.py"
@@ -63,15 +72,8 @@ rule table1:
         mem_mb=2000,
         runtime=10,
     params:
-        cells={
-            ("DIFT", "empty"): zero_shot_summary("dift_empty", "spair"),
-            ("DIFT", "template"): zero_shot_summary("dift", "spair"),
-            ("SD+DINO*", "empty"): zero_shot_summary("sddino_star_empty", "spair"),
-            ("SD+DINO*", "template"): zero_shot_summary(
-                "sddino_star_template", "spair"
-            ),
-            ("SD+DINO*", "implicit"): zero_shot_summary("sddino_star", "spair"),
-        },
+        cells={key: zero_shot_summary(m, "spair") for key, m in TABLE1_CELLS.items()},
+        protocols=zero_shot_row_protocols(TABLE1_CELLS),
         matching=config["zero_shot_matching"],
         max_pairs=config["evaluation"]["max_pairs"],
         provenance=provenance(
@@ -120,6 +122,7 @@ rule table2:
         runtime=10,
     params:
         zero_shot={m: zero_shot_summary(m, "spair") for m in TABLE2_ZERO_SHOT},
+        zero_shot_protocols=zero_shot_row_protocols(TABLE2_ZERO_SHOT),
         sd4match={
             v: sd4match_summary("spair", v, "spair") for v in variants_of(["spair"])
         },
@@ -179,6 +182,7 @@ rule table3:
         runtime=10,
     params:
         zero_shot=zero_shot_summaries(TABLE2_ZERO_SHOT),
+        zero_shot_protocols=zero_shot_row_protocols(TABLE2_ZERO_SHOT),
         runs=[
             (t, v)
             for t, v in train_runs()

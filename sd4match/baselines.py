@@ -47,6 +47,7 @@ from transformers import CLIPVisionConfig, ViTModel
 from sd4match.datasets import load_image
 from sd4match.evaluation import FeatureFn, ImageKey, MatchingSettings, score_pair
 from sd4match.features import SDFeaturizer
+from sd4match.frames import PairScorer, pad_image
 from sd4match.io import atomic_path
 from sd4match.metrics import PairScore, per_pair_frame
 from sd4match.models import SDComponents
@@ -59,6 +60,7 @@ ODISE_PREFIX = "backbone.feature_extractor."
 POSITIONAL_INIT_STD = 0.02
 SD_DINO_BLOCKS = (0, 1, 2)
 SD_DINO_PCA_DIMS = (256, 256, 256)
+SD_DINO_PREPROCESS = ("squash", "pad")  # this pipeline's squashed S x S input, or sd-dino's padded square
 SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_WRAPPERS = ("model", "state_dict")
 TINY_TIME_EMBED_DIM = 4 * UNET_CHANNELS[0]  # diffusers' time embedding width of the tiny UNet
@@ -116,6 +118,127 @@ def check_vit_size(model: nn.Module, image_size: int) -> int:
     return image_size // patch
 
 
+@dataclass(frozen=True)
+class VitFacet:
+    """Which ViT activation is the dense descriptor (Amir et al.'s "facets", as sd-dino's ``ViTExtractor``).
+
+    ``facet``: ``"token"`` (a block's output tokens) or ``"key"`` (a block's attention key projection, the
+    heads concatenated; the head/channel order does not change cosine similarities). ``layer``: 0-based block
+    index; None = the last block, whose ``"token"`` facet is read after the final LayerNorm
+    (``last_hidden_state``, this pipeline's default). ``stride``: patch-embedding stride in pixels (None = the
+    patch size); a smaller stride gives overlapping patches, ``1 + (S - patch) // stride`` per side, with the
+    position embeddings interpolated (bicubic) to that grid. Only a DINO v1 ``ViTModel`` takes a stride.
+    """
+
+    facet: str = "token"
+    layer: int | None = None
+    stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.facet not in VIT_FACETS:
+            raise ValueError(f"VitFacet: facet must be one of {VIT_FACETS}, got {self.facet!r}")
+        if self.facet == "key" and self.layer is None:
+            raise ValueError("VitFacet: the key facet needs a layer (0-based block index)")
+        if (self.layer is not None and self.layer < 0) or (self.stride is not None and self.stride < 1):
+            raise ValueError(f"VitFacet: layer must be >= 0 and stride >= 1, got {self.layer}, {self.stride}")
+
+    @classmethod
+    def from_method(cls, method: dict[str, Any]) -> VitFacet:
+        """The facet of a ``zero_shot`` method of kind vit (keys ``facet``, ``layer``, ``stride``)."""
+        return cls(method.get("facet", "token"), method.get("layer"), method.get("stride"))
+
+    def label(self) -> str:
+        """E.g. "key facet, layer 9, stride 4" or "last-layer tokens" for the tables."""
+        if self.layer is None:
+            text = "last-layer tokens"
+        else:
+            text = f"{self.facet} facet, layer {self.layer}"
+        return text if self.stride is None else f"{text}, stride {self.stride}"
+
+
+VIT_FACETS = ("token", "key")
+LAST_LAYER_TOKENS = VitFacet()
+
+
+def vit_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a DINO ``ViTModel`` (``layers``) or a ``Dinov2Model`` (``encoder.layer``)."""
+    blocks = getattr(model, "layers", None)
+    return blocks if blocks is not None else model.encoder.layer
+
+
+def vit_grid_side(model: nn.Module, image_size: int, stride: int | None = None) -> int:
+    """Patch tokens per side: ``S / patch`` (S a positive multiple of the patch), or with an explicit stride
+    ``1 + (S - patch) // stride`` (S >= patch)."""
+    patch = patch_size(model)
+    if stride is None or stride == patch:
+        return check_vit_size(model, image_size)
+    if not isinstance(model, ViTModel):
+        raise ValueError(f"a patch stride ({stride}) is supported for DINO v1 ViTModel only, not "
+                         f"{type(model).__name__}")  # fmt: skip
+    if image_size < patch:
+        raise ValueError(f"ViT image_size must be >= the patch size {patch}, got {image_size}")
+    return 1 + (image_size - patch) // stride
+
+
+def strided_embeddings(model: ViTModel, pixels: Tensor, stride: int) -> Tensor:
+    """CLS + patch embeddings of a DINO ``ViTModel`` with the patch projection applied every ``stride`` px
+    (overlapping patches) and the library's bicubic interpolation of the position embeddings to that grid."""
+    embeddings = model.embeddings
+    projection = embeddings.patch_embeddings.projection
+    patches = F.conv2d(pixels, projection.weight, projection.bias, stride=stride)
+    height, width = patches.shape[-2:]
+    tokens = torch.cat(
+        [embeddings.cls_token.expand(pixels.shape[0], -1, -1), patches.flatten(2).transpose(1, 2)], 1
+    )
+    patch = patch_size(model)
+    return tokens + embeddings.interpolate_pos_encoding(tokens, height * patch, width * patch)
+
+
+class _StopViT(Exception):
+    """Raised by the hook of the facet's layer; nothing after it runs."""
+
+
+@contextlib.contextmanager
+def _facet_hooks(model: nn.Module, facet: VitFacet) -> Iterator[dict[str, Tensor]]:
+    """Hooks that swap in strided embeddings (if any) and capture the facet's activation, then stop."""
+    store: dict[str, Tensor] = {}
+    handles = []
+    if facet.stride is not None and facet.stride != patch_size(model):
+        stride = facet.stride
+        handles.append(model.embeddings.register_forward_hook(
+            lambda module, args, output: strided_embeddings(model, args[0], stride)
+        ))  # fmt: skip
+    if facet.layer is not None:
+        blocks = vit_blocks(model)
+        if facet.layer >= len(blocks):
+            raise ValueError(
+                f"ViT facet layer {facet.layer} does not exist: the model has {len(blocks)} blocks"
+            )
+        target = blocks[facet.layer].attention.k_proj if facet.facet == "key" else blocks[facet.layer]
+
+        def capture(module: nn.Module, args: tuple, output: Any) -> None:
+            store["facet"] = _tensor_output(output)
+            raise _StopViT
+
+        handles.append(target.register_forward_hook(capture))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def vit_facet_tokens(model: nn.Module, pixels: Tensor, facet: VitFacet) -> Tensor:
+    """All tokens (B, N, C) of the facet's activation for normalised pixels (B, 3, S, S)."""
+    kwargs: dict[str, Any] = {"interpolate_pos_encoding": True} if isinstance(model, ViTModel) else {}
+    with _facet_hooks(model, facet) as store:
+        try:
+            output = model(pixel_values=pixels, **kwargs)
+        except _StopViT:
+            return store["facet"]
+    return output.last_hidden_state
+
+
 @torch.no_grad()
 def vit_patch_features(
     model: nn.Module,
@@ -124,21 +247,21 @@ def vit_patch_features(
     final_norm: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    facet: VitFacet | None = None,
 ) -> Tensor:
-    """Last-layer patch tokens of a DINO/DINOv2 ViT as an L2-normalised grid (B, C, S/p, S/p).
+    """Patch features of a DINO/DINOv2 ViT as an L2-normalised grid (B, C, side, side); CLS and register
+    tokens dropped.
 
-    ``final_norm=True`` takes ``last_hidden_state`` (after the final LayerNorm); ``False`` the last block's
-    output before it (sd-dino's ``facet='token'`` hook on ``blocks[11]``). CLS and register tokens dropped.
+    Without ``facet``: last-layer tokens, after the final LayerNorm (``final_norm=True``,
+    ``last_hidden_state``) or before it (sd-dino's ``facet='token'`` hook on the last block). With ``facet``:
+    that ``VitFacet``.
     """
-    side = check_vit_size(model, image_size)
+    if facet is None:
+        facet = LAST_LAYER_TOKENS if final_norm else VitFacet("token", len(vit_blocks(model)) - 1)
+    side = vit_grid_side(model, image_size, facet.stride)
     param = next(model.parameters())
     pixels = vit_pixels(images, image_size, mean, std).to(param.device, param.dtype)
-    kwargs: dict[str, Any] = {"output_hidden_states": not final_norm}
-    if isinstance(model, ViTModel):
-        kwargs["interpolate_pos_encoding"] = True
-    output = model(pixel_values=pixels, **kwargs)
-    tokens = output.last_hidden_state if final_norm else output.hidden_states[-1]
-    patches = tokens[:, patch_token_offset(model) :].float()
+    patches = vit_facet_tokens(model, pixels, facet)[:, patch_token_offset(model) :].float()
     if patches.shape[1] != side * side:
         raise ValueError(
             f"vit_patch_features: expected {side * side} patch tokens at {image_size} px, "
@@ -155,12 +278,15 @@ def vit_feature_fn(
     device: str | torch.device = "cpu",
     final_norm: bool = True,
     batch_size: int = 8,
+    facet: VitFacet | None = None,
+    pad: bool = False,
 ) -> FeatureFn:
     """A ``FeatureFn`` of ViT patch features (DINO / DINOv2 rows of Tables 2/3) for ``evaluate_pairs``.
 
-    Images are loaded from ``root`` (flipped per key) and processed ``batch_size`` at a time; CPU output.
+    Images are loaded from ``root`` (flipped per key), padded to the square first when ``pad`` (sd-dino's
+    ``frames.pad_image``; squashed otherwise) and processed ``batch_size`` at a time; CPU output.
     """
-    check_vit_size(model, image_size)
+    vit_grid_side(model, image_size, None if facet is None else facet.stride)
     if batch_size < 1:
         raise ValueError(f"vit_feature_fn: batch_size must be >= 1, got {batch_size}")
     model = model.to(device).eval()
@@ -170,7 +296,9 @@ def vit_feature_fn(
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
             images = [load_image(root, key.path, flip=key.flip) for key in chunk]
-            out.append(vit_patch_features(model, images, image_size, final_norm).cpu())
+            if pad:
+                images = [pad_image(image, image_size) for image in images]
+            out.append(vit_patch_features(model, images, image_size, final_norm, facet=facet).cpu())
         return torch.cat(out)
 
     return features_for
@@ -642,7 +770,12 @@ class SDDinoFeaturizer:
         device: str | torch.device = "cpu",
         autocast_dtype: torch.dtype | None = None,
         max_batch: int = 8,
+        preprocess: str = "squash",
     ) -> None:
+        if preprocess not in SD_DINO_PREPROCESS:
+            raise ValueError(
+                f"SDDinoFeaturizer: preprocess must be one of {SD_DINO_PREPROCESS}, got {preprocess!r}"
+            )
         if len(pca_dims) != len(block_indices):
             raise ValueError(
                 f"SDDinoFeaturizer: {len(pca_dims)} pca_dims for {len(block_indices)} blocks "
@@ -675,6 +808,7 @@ class SDDinoFeaturizer:
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.max_batch = max_batch
+        self.preprocess = preprocess
         self.unet_passes = 0
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -764,11 +898,19 @@ class SDDinoFeaturizer:
             )
         return feats
 
+    def _inputs(self, images: Sequence[Image.Image], size: int) -> list[Image.Image]:
+        """The images as a network sees them: as given (its preprocessing squashes them) or padded to size."""
+        return list(images) if self.preprocess == "squash" else [pad_image(image, size) for image in images]
+
     @torch.no_grad()
     def image_parts(self, images: Sequence[Image.Image], categories: Sequence[str]) -> list[ImageParts]:
-        """The per-image parts of each image (one batch: every network sees each image once)."""
-        maps = self.sd_maps(images, categories)
-        dino = None if self.dino is None else self.dino_part(images, maps[-1].shape[-2:])
+        """The per-image parts of each image (one batch: every network sees each image once). With
+        ``preprocess="pad"`` SD and the captioner's CLIP see the image padded to ``sd_image_size``, DINO to
+        ``dino_image_size`` (sd-dino's inputs)."""
+        maps = self.sd_maps(self._inputs(images, self.sd_image_size), categories)
+        dino = None
+        if self.dino is not None:
+            dino = self.dino_part(self._inputs(images, self.dino_image_size), maps[-1].shape[-2:])
         return [
             ImageParts([m[i] for m in maps], None if dino is None else dino[i]) for i in range(len(images))
         ]
@@ -837,16 +979,24 @@ def evaluate_sd_dino(
     settings: MatchingSettings,
     root: str | Path,
     image_batch: int | None = None,
+    scorer: PairScorer | None = None,
 ) -> pd.DataFrame:
     """Score every pair with SD+DINO(*) features; each distinct image goes through the networks once.
 
     Per category, the parts of every distinct image (``ImageParts``) are computed in batches of
     ``image_batch`` images (default: the featurizer's ``max_batch``); per pair only the co-PCA and fusion
     run. Same features as ``featurizer.pair_features`` per pair; rows come out in the pairs table's order.
+    ``scorer``: how a pair is scored from its features (default: ``evaluation.score_pair`` with ``settings``,
+    the squashed S frame; sd-dino's own: ``peer_protocols.PaddedFrameScorer``).
     One category's parts stay on the device at a time (SD 1-5 at 960 px + DINOv2 at 840 px: ~26 MB per
     image, SPair-71k test categories have 25-30 images).
     """
     image_batch = featurizer.max_batch if image_batch is None else image_batch
+    if scorer is None:
+
+        def scorer(row: Any, src: Tensor, trg: Tensor) -> list[PairScore]:
+            return score_pair(row, src, trg, settings)
+
     table = pairs.reset_index(drop=True)
     by_row: dict[int, list[PairScore]] = {}
     with tqdm(total=len(table), desc="pairs", unit="pair") as bar:
@@ -857,6 +1007,6 @@ def evaluate_sd_dino(
             for row in rows:
                 src_key, trg_key = _row_keys(row)
                 src_feat, trg_feat = featurizer.pair_from_parts(parts[src_key], parts[trg_key])
-                by_row[row.Index] = score_pair(row, src_feat, trg_feat, settings)  # matched on the device
+                by_row[row.Index] = scorer(row, src_feat, trg_feat)  # matched on the device
                 bar.update(1)
     return per_pair_frame([score for index in sorted(by_row) for score in by_row[index]])

@@ -336,7 +336,8 @@ def bench_projection(
 
 def bench_passes(spair_pairs: int = SPAIR_TEST_PAIRS, spair_images: int = SPAIR_TEST_IMAGES) -> BenchResult:
     """Network passes counted in one run on the tiny world: SD+DINO per pair vs per image, VAE passes of a
-    Single and a CPM evaluation; scaled to SPair-71k test by the measured per-pair / per-image ratios."""
+    Single and a CPM evaluation job encoding its images (before) vs reading the test latent cache (after);
+    scaled to SPair-71k test by the measured per-pair / per-image ratios."""
     from sd4match.bench_passes import sd_dino_passes, vae_passes
     from sd4match.flops import FlopMeter
 
@@ -351,15 +352,18 @@ def bench_passes(spair_pairs: int = SPAIR_TEST_PAIRS, spair_images: int = SPAIR_
         metrics[f"sd_dino_{network}_ratio_before_over_after"] = before / after
     vae_tflop = FlopMeter().vae_encode("sd21", 768) / 1e12
     for job in ("single", "cpm"):
-        per_image = vae[job]["vae"] / vae["images"]
-        metrics[f"{job}_vae_passes_per_distinct_image"] = per_image
-        metrics[f"{job}_vae_passes_spair_test"] = per_image * spair_images
-        metrics[f"{job}_vae_pflop_spair_test"] = per_image * spair_images * vae_tflop / 1e3
+        for when, counted in (("before", vae[job]), ("after", vae[f"{job}_cached"])):
+            per_image = counted["vae"] / vae["images"]
+            metrics[f"{job}_vae_passes_per_distinct_image_{when}"] = per_image
+            metrics[f"{job}_vae_passes_spair_test_{when}"] = per_image * spair_images
+            metrics[f"{job}_vae_pflop_spair_test_{when}"] = per_image * spair_images * vae_tflop / 1e3
+    metrics["test_latent_cache_vae_passes_per_distinct_image"] = vae["cache"]["vae"] / vae["images"]
     metrics["vae_encoder_tflop_768px"] = vae_tflop
     settings = {
         "tiny_world_pairs": sd_dino["pairs"],
         "tiny_world_images": sd_dino["images"],
         "sd_dino_identical_per_pair_tables": sd_dino["identical_per_pair_tables"],
+        "cached_latents_identical_per_pair_tables": vae["identical_per_pair_tables"],
         "counted": {"sd_dino": sd_dino, "vae": vae},
     }
     return BenchResult("passes", "cpu", settings, metrics, machine_description("cpu"))
@@ -399,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     proj = sub.add_parser("projection", help="GPU FLOPs / H100-hours and CPU time of the configured DAG")
     proj.add_argument("--configfile", action="append", help="config file(s), in order (default config.yaml)")
     proj.add_argument("--workdir", default=".", help="the workflow's folder (holds the Snakefile)")
-    proj.add_argument("--code", action="append", choices=["before", "current", "issue9"])
+    proj.add_argument("--code", action="append", choices=["before", "partial", "current"])
     proj.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation (default 0.40)")
     proj.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak (H100 SXM: 989)")
     passes = sub.add_parser("passes", help="network passes of SD+DINO (per pair vs per image) and the VAE")

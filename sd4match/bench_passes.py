@@ -1,5 +1,6 @@
 """Network passes per job, counted with forward hooks while the project's own evaluation code runs (tiny
-models, synthetic images): SD+DINO per pair vs per image, and VAE passes of a Single and a CPM evaluation.
+models, synthetic images): SD+DINO per pair vs per image, and VAE passes of a Single and a CPM evaluation
+encoding its images vs reading the test split's latent cache.
 
 A pass here is one sample (image or latent) through a network; counts do not depend on model size, so the
 tiny world measures what the real job does, and the ratios carry over to the SPair-71k test set.
@@ -166,8 +167,10 @@ def vae_passes(
     pair_batch: int = 4,
 ) -> dict[str, Any]:
     """VAE-encoder samples of a Single evaluation (``sd_text_prompt_features``) and a CPM evaluation
-    (``evaluate_pairs_conditional``) on the same pairs, next to the distinct images they contain."""
-    from sd4match.caches import DinoCache, build_dino_cache
+    (``evaluate_pairs_conditional``) on the same pairs: encoding in the job (``single``, ``cpm``), and reading
+    the test split's latent cache (``cache``: its one build; ``single_cached``, ``cpm_cached``: the jobs),
+    next to the distinct images they contain. The cached jobs' per-pair tables equal the others'."""
+    from sd4match.caches import DinoCache, LatentCache, build_dino_cache, build_latent_cache, encoder_meta
     from sd4match.evaluation import evaluate_pairs, evaluate_pairs_conditional, sd_text_prompt_features
     from sd4match.features import SDFeaturizer
     from sd4match.prompt_learning import CPMConfig, build_prompt_module
@@ -188,16 +191,27 @@ def vae_passes(
         build_dino_cache(pairs, root, tiny["dinov2"], tiny["dino_processor"], cache_path, {"kind": "dino"})
         dino = DinoCache.load(cache_path, expect_meta={})
         watched = {"vae": components.vae.encoder, "unet": components.unet, "text": components.text_encoder}
-        with count_samples(watched) as single_seen:
-            features = sd_text_prompt_features(featurizer, single, root, image_size, 50, ensemble, 0)
-            evaluate_pairs(pairs, features, settings)
-        with count_samples(watched) as cpm_seen, torch.no_grad():
-            evaluate_pairs_conditional(
-                pairs, cpm, featurizer, dino, root, settings, 50, ensemble, 0, pair_batch
-            )
+        latents_path, meta = root / "latents.safetensors", {"encoder": encoder_meta(featurizer)}
+        with count_samples(watched) as cache_seen:
+            build_latent_cache(pairs, root, featurizer, image_size, latents_path, meta, batch_size=1)
+        latents = LatentCache.load(latents_path, meta)
+        seen, tables = {}, {}
+        for name, cache in (("", None), ("_cached", latents)):
+            with count_samples(watched) as seen[f"single{name}"]:
+                features = sd_text_prompt_features(
+                    featurizer, single, root, image_size, 50, ensemble, 0, cache
+                )
+                tables[f"single{name}"] = evaluate_pairs(pairs, features, settings)
+            with count_samples(watched) as seen[f"cpm{name}"], torch.no_grad():
+                tables[f"cpm{name}"] = evaluate_pairs_conditional(
+                    pairs, cpm, featurizer, dino, root, settings, 50, ensemble, 0, pair_batch, cache
+                )
         return {
             "pairs": len(pairs),
             "images": distinct_images(pairs),
-            "single": dict(single_seen),
-            "cpm": dict(cpm_seen),
+            "cache": dict(cache_seen),
+            **{name: dict(counts) for name, counts in seen.items()},
+            "identical_per_pair_tables": all(
+                tables[k].equals(tables[f"{k}_cached"]) for k in ("single", "cpm")
+            ),
         }

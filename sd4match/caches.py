@@ -6,6 +6,11 @@ per (dataset, split), tensors named ``<key>::mean``/``<key>::std`` (latents, flo
 ``<key>::tokens``/``<key>::global`` (DINOv2, float16). A JSON sidecar ``<file>.json`` records the model
 revision, the preprocessing and the keys; the same record is embedded in the safetensors header so a sidecar
 that does not belong to its file is detected. Loading with different expectations raises "stale cache".
+
+The test splits' latent caches (``run_test_latent_cache``) are built with the SD model loaded as the
+evaluations load it and record that encoder (weights dtype, memory format, device type): sampling from them
+gives the very latents the evaluation's own VAE pass would give, so every evaluation of a test split reads one
+cache instead of running the VAE again.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 
 from sd4match.data_sources import read_location
 from sd4match.datasets import load_image, read_pairs_table
-from sd4match.features import SDFeaturizer, preprocess, sample_latents
+from sd4match.features import SDFeaturizer, load_sd_featurizer, preprocess, sample_latents
 from sd4match.io import write_json_atomic
 from sd4match.models import (
     ModelRecord,
@@ -96,26 +101,44 @@ def processor_config(processor: Any) -> dict[str, Any]:
     return json.loads(processor.to_json_string())
 
 
+def encoder_meta(featurizer: SDFeaturizer) -> dict[str, Any]:
+    """How a featurizer's VAE computes a posterior: weights dtype, channels_last, device type. A test-split
+    latent cache records it, so its samples equal the evaluation's own VAE pass only with the same encoder."""
+    return {
+        "dtype": str(featurizer.vae.dtype).removeprefix("torch."),
+        "channels_last": bool(featurizer.channels_last),
+        "device_type": featurizer.device.type,
+    }
+
+
 def cache_meta(
-    model_record: ModelRecord, image_size: int | None, kind: str, processor: Any = None
+    model_record: ModelRecord,
+    image_size: int | None,
+    kind: str,
+    processor: Any = None,
+    encoder: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metadata a cache must match: kind, model name, resolved revision, image size (latents; ``None`` for
-    DINOv2, whose preprocessing is the processor's) and the processor configuration (DINOv2)."""
+    DINOv2, whose preprocessing is the processor's), the processor configuration (DINOv2) and, for the test
+    splits' latents, the VAE's ``encoder_meta`` (absent from the training caches' records)."""
     if kind not in CACHE_KINDS:
         raise ValueError(f"cache_meta: kind must be one of {CACHE_KINDS}, got {kind!r}")
     if kind == "latents" and (image_size is None or image_size < VAE_DOWNSAMPLING):
         raise ValueError(f"cache_meta: latents need image_size >= {VAE_DOWNSAMPLING}, got {image_size}")
     if kind == "dino" and processor is None:
         raise ValueError("cache_meta: a DINOv2 cache needs its image processor (its preprocessing)")
-    return _jsonable(
-        {
-            "kind": kind,
-            "model": model_record.name,
-            "revision_resolved": model_record.revision_resolved,
-            "image_size": image_size,
-            "processor": None if processor is None else processor_config(processor),
-        }
-    )
+    if encoder is not None and kind != "latents":
+        raise ValueError(f"cache_meta: only a latent cache records its VAE encoder, not a {kind!r} cache")
+    meta = {
+        "kind": kind,
+        "model": model_record.name,
+        "revision_resolved": model_record.revision_resolved,
+        "image_size": image_size,
+        "processor": None if processor is None else processor_config(processor),
+    }
+    if encoder is not None:
+        meta["encoder"] = encoder
+    return _jsonable(meta)
 
 
 def _build_meta(meta: dict[str, Any], kind: str, keys: list[str], image_size: int | None) -> dict[str, Any]:
@@ -379,15 +402,39 @@ class LatentCache(TensorCache):
         """Posterior standard deviations ``(B, 4, S/8, S/8)`` float32 (unscaled)."""
         return self.stack(keys, "std", device)
 
+    @property
+    def posterior_dtype(self) -> torch.dtype:
+        """dtype the VAE computed the posterior in (its weights' dtype, recorded by test-split caches; float32
+        for the training caches): samples are drawn and formed in it, as ``latent_dist.sample()`` does."""
+        encoder = self.meta.get("encoder") or {}
+        name = encoder.get("dtype", "float32")
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"cache {self.path}: encoder dtype {name!r} in its sidecar is not a float dtype")
+        return dtype
+
     def sample(
         self,
         keys: Sequence[str],
         scaling_factor: float,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """One latent per key, ``(mean + std * eps) * scaling_factor``, as ``latent_dist.sample()`` does."""
-        return sample_latents(self.mean(keys, device), self.std(keys, device), scaling_factor, generator)
+        """One latent per key, ``(mean + std * eps) * scaling_factor`` as float32, drawn as
+        ``latent_dist.sample()`` draws it: eps (one generator, or one per key) and the arithmetic in the
+        posterior's dtype, so a half-precision VAE's sample is reproduced bit for bit."""
+        dtype = self.posterior_dtype
+        mean, std = self.mean(keys, device).to(dtype), self.std(keys, device).to(dtype)
+        return sample_latents(mean, std, scaling_factor, generator).float()
+
+    def require(self, keys: Sequence[str], what: str) -> None:
+        """Raise naming the cache file and the first keys of ``what`` (e.g. a pairs table) it lacks."""
+        absent = [key for key in keys if key not in self]
+        if absent:
+            raise KeyError(
+                f"latent cache {self.path} lacks {len(absent)} image(s) of {what}, e.g. {absent[:3]}; "
+                f"rebuild the cache from that pairs table"
+            )
 
 
 class DinoCache(TensorCache):
@@ -431,6 +478,49 @@ def run_latent_cache(
     return build_latent_cache(
         tables, root, SDFeaturizer(components, device=device), image_size, out_path, meta
     )
+
+
+def open_latent_cache(
+    cache_path: PathLike, record_path: PathLike, image_size: int, featurizer: SDFeaturizer
+) -> LatentCache:
+    """A test-split latent cache checked against what the evaluation would compute itself: the model record's
+    revision, the evaluation's image size and its featurizer's VAE (``encoder_meta``)."""
+    record = read_model_record(record_path)
+    expect = cache_meta(record, image_size, "latents", encoder=encoder_meta(featurizer))
+    return LatentCache.load(cache_path, expect, source=record_path)
+
+
+def encoder_features(encoder: Mapping[str, Any]) -> dict[str, Any]:
+    """A config ``features`` block for loading SD as the evaluations do, from the keys that change the VAE
+    (``precision``, ``channels_last``); the UNet-only keys get values that do not touch the VAE."""
+    return {
+        "precision": encoder["precision"],
+        "channels_last": bool(encoder.get("channels_last", False)),
+        "compile": False,
+        "up_block_index": 1,
+        "max_unet_batch": 1,
+    }
+
+
+def run_test_latent_cache(
+    pairs_path: PathLike,
+    location_path: PathLike,
+    model_record_path: PathLike,
+    image_size: int,
+    encoder: Mapping[str, Any],
+    out_path: PathLike,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Snakemake entry: the latent cache of a test split, one VAE pass per distinct image for every
+    evaluation of the DAG. SD is loaded as the evaluations load it (``load_sd_featurizer``; ``encoder`` holds
+    the config's ``features.precision`` and ``channels_last``) and each image is encoded alone, as the
+    evaluation's own pass would, so the cached posterior is bitwise the one the evaluation would compute."""
+    record = read_model_record(model_record_path)
+    featurizer = load_sd_featurizer(record.local_path, encoder_features(encoder), device)
+    meta = cache_meta(record, image_size, "latents", encoder=encoder_meta(featurizer))
+    root = read_location(location_path).root
+    table = read_pairs_table(pairs_path)
+    return build_latent_cache(table, root, featurizer, image_size, out_path, meta, batch_size=1)
 
 
 def run_dino_cache(

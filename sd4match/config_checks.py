@@ -116,7 +116,7 @@ def _train_keys(variant: str, field_names: list[str]) -> dict[str, str]:
 
 def _check_training(config: Mapping[str, Any], source: str) -> None:
     """Build TrainSettings as train_prompt does and split the batch over the ``gpu.train`` processes."""
-    from sd4match.training_job import TrainSettings
+    from sd4match.training_job import AUTO, TrainSettings
 
     names = [f.name for f in fields(TrainSettings)]
     processes = max(1, config["gpu"]["train"])  # gpu: 0 runs in-process on the CPU
@@ -131,8 +131,12 @@ def _check_training(config: Mapping[str, Any], source: str) -> None:
             checked_by,
         )
         keys_with_gpus = {**keys, "num_processes": "gpu.train"}
-        _build(
-            lambda s=settings: s.accumulation_steps(processes),
+        _build(  # auto: the device chooses a divisor of the pairs per process (training_memory)
+            lambda s=settings: (
+                s.pairs_per_process(processes)
+                if s.per_device_batch == AUTO
+                else s.accumulation_steps(processes)
+            ),
             keys_with_gpus,
             "sd4match.training.batch_size",
             source,

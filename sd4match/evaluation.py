@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from sd4match.caches import LatentCache, image_key
 from sd4match.data_sources import read_location
 from sd4match.datasets import load_image, read_pairs_table
 from sd4match.io import write_table_atomic
@@ -267,6 +268,34 @@ def image_seed(seed: int, key: ImageKey) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{key.path}|{int(key.flip)}".encode())) % (2**63)
 
 
+def cache_keys(pairs: pd.DataFrame) -> list[str]:
+    """Cache keys (``"<relpath>|<flip>"``) of the distinct images of a pairs table, sorted."""
+    return sorted({image_key(k.path, k.flip) for row in pairs.itertuples() for k in _pair_keys(row)})
+
+
+class ImageLatents:
+    """Scaled VAE latent samples of images, ``latent_dist.sample()`` with eps from the caller's generator:
+    from the test split's latent cache when one is given (no image loaded, no VAE pass), else the VAE on the
+    loaded image. Both give the same latent (``caches.run_test_latent_cache``)."""
+
+    def __init__(
+        self, featurizer: Any, root: str | Path, image_size: int, cache: LatentCache | None = None
+    ) -> None:
+        self.featurizer, self.root, self.image_size, self.cache = featurizer, root, image_size, cache
+
+    def __call__(self, key: ImageKey, generator: torch.Generator) -> torch.Tensor:
+        """One latent (1, 4, S/8, S/8) float32 on the featurizer's device."""
+        if self.cache is not None:
+            return self.cache.sample(
+                [image_key(key.path, key.flip)],
+                self.featurizer.scaling_factor,
+                generator,
+                device=self.featurizer.device,
+            )
+        image = load_image(self.root, key.path, flip=key.flip)
+        return self.featurizer.encode_latents(self.featurizer.preprocess([image], self.image_size), generator)
+
+
 def sd_text_prompt_features(
     featurizer: Any,
     prompt: PromptSource,
@@ -275,24 +304,27 @@ def sd_text_prompt_features(
     timestep: int,
     ensemble: int,
     seed: int,
+    latent_cache: LatentCache | None = None,
 ) -> FeatureFn:
     """A FeatureFn of SD features whose prompt depends only on each image's category.
 
     Serves text prompts (DIFT) and the per-image learned prompts (SD4Match-Single/Class) alike. Each distinct
-    prompt is encoded once per job (``CategoryPromptEncoder``); features stay on the featurizer's device.
+    prompt is encoded once per job (``CategoryPromptEncoder``); latents come from ``latent_cache`` when given
+    (``ImageLatents``); each image's generator draws its latent, then its noise; features stay on the
+    featurizer's device.
     """
     conditioning = CategoryPromptEncoder(featurizer.text_encoder, prompt)
+    latents = ImageLatents(featurizer, root, image_size, latent_cache)
 
     def features_for(keys: Sequence[ImageKey]) -> torch.Tensor:
         out = []
         for key in keys:
-            image = load_image(root, key.path, flip=key.flip)
-            pixels = featurizer.preprocess([image], image_size)
             with torch.no_grad():
                 with featurizer.autocast():
                     hidden = conditioning([key.category])
                 generator = torch.Generator(device="cpu").manual_seed(image_seed(seed, key))
-                out.append(featurizer(pixels, hidden, timestep, ensemble, generator)[0])
+                latent = latents(key, generator)
+                out.append(featurizer.extract_from_latents(latent, hidden, timestep, ensemble, generator)[0])
         return torch.stack(out)
 
     return features_for
@@ -311,17 +343,14 @@ def _chunk_seed(seed: int, pair_ids: Sequence[str]) -> int:
 class _LatentMemo:
     """One VAE latent sample per distinct image, seeded per image and reused by every pair it appears in."""
 
-    def __init__(self, featurizer: Any, root: str | Path, image_size: int, seed: int) -> None:
-        self.featurizer, self.root, self.image_size, self.seed = featurizer, root, image_size, seed
+    def __init__(self, latents: ImageLatents, seed: int) -> None:
+        self.sample, self.seed = latents, seed
         self.latents: dict[ImageKey, torch.Tensor] = {}
 
     def __call__(self, key: ImageKey) -> torch.Tensor:
         if key not in self.latents:
-            pixels = self.featurizer.preprocess(
-                [load_image(self.root, key.path, flip=key.flip)], self.image_size
-            )
             generator = torch.Generator(device="cpu").manual_seed(image_seed(self.seed, key))
-            self.latents[key] = self.featurizer.encode_latents(pixels, generator)[0]
+            self.latents[key] = self.sample(key, generator)[0]
         return self.latents[key]
 
 
@@ -336,14 +365,14 @@ def conditional_feature_batches(
     ensemble: int,
     seed: int,
     pair_batch: int,
+    latent_cache: LatentCache | None = None,
 ) -> Iterator[tuple[list[Any], torch.Tensor, torch.Tensor]]:
     """Yield (rows, src_feats, trg_feats) for pairs whose prompt depends on both images (CPM): ``pair_batch``
-    pairs per batched UNet call, features (B, C, s, s) on the featurizer's device; VAE latents once per
-    distinct image; a prompt shared by source and target is encoded once."""
-    from sd4match.caches import image_key
+    pairs per batched UNet call, features (B, C, s, s) on the featurizer's device; latents once per distinct
+    image (from ``latent_cache`` when given); a prompt shared by source and target is encoded once."""
     from sd4match.prompt_learning import PromptBatch
 
-    memo = _LatentMemo(featurizer, root, image_size, seed)
+    memo = _LatentMemo(ImageLatents(featurizer, root, image_size, latent_cache), seed)
     rows = list(pairs.itertuples())
     for start in tqdm(range(0, len(rows), pair_batch), desc="pair batches", unit="batch"):
         chunk = rows[start : start + pair_batch]
@@ -378,10 +407,21 @@ def conditional_pair_features(
     ensemble: int,
     seed: int,
     pair_batch: int,
+    latent_cache: LatentCache | None = None,
 ) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
     """Yield (row, src_feat, trg_feat) pair by pair from :func:`conditional_feature_batches`."""
     batches = conditional_feature_batches(
-        pairs, module, featurizer, dino_cache, root, image_size, timestep, ensemble, seed, pair_batch
+        pairs,
+        module,
+        featurizer,
+        dino_cache,
+        root,
+        image_size,
+        timestep,
+        ensemble,
+        seed,
+        pair_batch,
+        latent_cache,
     )
     for chunk, src_feats, trg_feats in batches:
         for i, row in enumerate(chunk):
@@ -399,10 +439,21 @@ def evaluate_pairs_conditional(
     ensemble: int,
     seed: int,
     pair_batch: int,
+    latent_cache: LatentCache | None = None,
 ) -> pd.DataFrame:
     """Score pairs with per-pair (CPM) features; each UNet batch of pairs is matched in one device call."""
     batches = conditional_feature_batches(
-        pairs, module, featurizer, dino_cache, root, settings.image_size, timestep, ensemble, seed, pair_batch
+        pairs,
+        module,
+        featurizer,
+        dino_cache,
+        root,
+        settings.image_size,
+        timestep,
+        ensemble,
+        seed,
+        pair_batch,
+        latent_cache,
     )
     scores: list[PairScore] = []
     for chunk, src_feats, trg_feats in batches:
@@ -458,6 +509,26 @@ def check_prompt_models(
     return data["metadata"]
 
 
+def open_test_latents(
+    cache_path: str | Path | None,
+    record_path: str | Path,
+    image_size: int,
+    featurizer: Any,
+    pairs: pd.DataFrame,
+    pairs_path: str | Path,
+) -> LatentCache | None:
+    """The test split's latent cache checked against the evaluation (model revision, image size, the
+    featurizer's VAE) and the pairs it scores; None without a cache (the VAE runs in the job)."""
+    from sd4match.caches import open_latent_cache
+
+    if cache_path is None:
+        return None
+    cache = open_latent_cache(cache_path, record_path, image_size, featurizer)
+    cache.require(cache_keys(pairs), f"pairs table {pairs_path}")
+    log.info("test latents from %s (%d images): no VAE pass in this job", cache_path, len(cache))
+    return cache
+
+
 def run_prompt_evaluation(
     prompt_path: str | Path,
     pairs_path: str | Path,
@@ -475,8 +546,13 @@ def run_prompt_evaluation(
     device: str,
     per_pair_out: str | Path,
     summary_out: str | Path,
+    latent_cache_path: str | Path | None = None,
 ) -> pd.DataFrame:
-    """SD4Match with a learned prompt on one test set: per-image reuse for Single/Class, per pair for CPM."""
+    """SD4Match with a learned prompt on one test set: per-image reuse for Single/Class, per pair for CPM.
+
+    ``latent_cache_path``: the test split's latent cache (``caches.run_test_latent_cache``), read instead of
+    running the VAE (the same latents); None encodes each distinct image here.
+    """
     from sd4match.caches import open_dino_cache
     from sd4match.features import load_sd_featurizer
     from sd4match.prompt_learning import load_prompt
@@ -489,6 +565,9 @@ def run_prompt_evaluation(
     root = read_location(location_path).root
     record = read_model_record(model_record_path)
     featurizer = load_sd_featurizer(record.local_path, features, device)
+    latents = open_test_latents(
+        latent_cache_path, model_record_path, image_size, featurizer, pairs, pairs_path
+    )
     module, _ = load_prompt(prompt_path, featurizer.text_encoder, featurizer.tokenizer)
     module = module.to(device).eval()
     settings = MatchingSettings(
@@ -501,7 +580,9 @@ def run_prompt_evaluation(
     t, ensemble = evaluation["timestep"], evaluation["ensemble"]
     log.info("SD4Match-%s (%s) on %s: %d pairs", module.variant, prompt_path, pairs_path, len(pairs))
     if module.per_image:
-        features_for = sd_text_prompt_features(featurizer, module, root, image_size, t, ensemble, seed)
+        features_for = sd_text_prompt_features(
+            featurizer, module, root, image_size, t, ensemble, seed, latents
+        )
         per_pair = evaluate_pairs(pairs, features_for, settings)
     else:
         if dino is None:
@@ -509,7 +590,17 @@ def run_prompt_evaluation(
                 f"prompt {prompt_path} is conditional (CPM) and needs a DINOv2 cache of the test images"
             )
         per_pair = evaluate_pairs_conditional(
-            pairs, module, featurizer, dino, root, settings, t, ensemble, seed, evaluation["pair_batch"]
+            pairs,
+            module,
+            featurizer,
+            dino,
+            root,
+            settings,
+            t,
+            ensemble,
+            seed,
+            evaluation["pair_batch"],
+            latents,
         )
     log.info("UNet passes: %d (%d latents)", featurizer.unet_passes, featurizer.unet_samples)
     write_table_atomic(per_pair, per_pair_out)

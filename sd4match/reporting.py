@@ -40,6 +40,15 @@ from sd4match.table_cells import (
     read_seed_spread,
     seed_cells,
 )
+from sd4match.table_protocols import (
+    AS_REPORTED,
+    OURS,
+    PROTOCOL_LEGEND,
+    RowProtocol,
+    category_weighted_pck,
+    method_row_protocol,
+    paper_protocol,
+)
 from sd4match.uncertainty import BootstrapSettings
 
 # Table 3 layout: dataset key -> the paper's name, and the alphas we report for each dataset.
@@ -50,7 +59,8 @@ SUMMARY_COLUMNS = ("category", "method", "alpha", "n_pairs", "n_kps", "pck_per_i
 ALL_CATEGORY = "All"
 PCK_VARIANT = "per image"
 PCK_VARIANTS = {"pck_per_image": "per image", "pck_per_keypoint": "per keypoint"}
-LABEL_COLUMNS = ("method", "matching", "source", "pck")  # one clean label; the matching beside it
+# one clean label; the matching, the PCK estimator and the evaluation protocol beside it (table_protocols)
+LABEL_COLUMNS = ("method", "matching", "source", "pck", "protocol")
 
 # Full paper tables: extra columns, the source of literature rows, the Markdown rendering of marks.
 GROUP_COLUMN = "group"
@@ -248,6 +258,19 @@ def summary_pck(
     return float(selected[column].iloc[0])
 
 
+def estimator_pck(
+    summary: pd.DataFrame, category: str, matching: str, alpha: float, where: str, estimator: str
+) -> float:
+    """Our PCK of one cell under a row's estimator (``table_protocols.ESTIMATORS``): a summary column, or for
+    ``pck_category_weighted`` the category's per-keypoint PCK and, for All, sd-dino's pair-weighted mean."""
+    if estimator != "pck_category_weighted":
+        return summary_pck(summary, category, matching, alpha, where, column=estimator)
+    if category != ALL_CATEGORY:
+        return summary_pck(summary, category, matching, alpha, where, column="pck_per_keypoint")
+    summary_pck(summary, category, matching, alpha, where)  # the same checks as every other cell
+    return category_weighted_pck(summary, matching, alpha, where)
+
+
 def _column_name(dataset: str, alpha: float) -> str:
     """Table 3 column header, e.g. ``PF-Pascal@0.05``."""
     return f"{DATASET_NAMES[dataset]}@{alpha:g}"
@@ -264,7 +287,8 @@ def _delta_row(ours: dict[str, Any], paper: dict[str, Any], columns: list[str]) 
         "method": "ours − paper",
         "matching": ours.get("matching", ""),
         "source": "delta",
-        "pck": PCK_VARIANT,
+        "pck": ours.get("pck", PCK_VARIANT),
+        "protocol": ours.get("protocol", ""),
     }
     for column in columns:
         row[column] = ours[column] - paper[column]
@@ -279,12 +303,16 @@ def zero_shot_table(
     paper_trained_on: str | None = None,
     per_keypoint: bool = False,
     other_matchings: tuple[str, ...] = (),
+    protocol: RowProtocol | None = None,
 ) -> pd.DataFrame:
     """Table 3 layout: rows ours / paper / delta on PF-Pascal, PF-Willow, SPair-71k @ 0.05/0.1/0.15.
 
     ``summaries`` maps "pfpascal", "pfwillow", "spair" to a summary frame; ``paper_row=None`` gives ours only.
     ``per_keypoint`` adds our per-keypoint row; ``other_matchings`` adds our rows for other matching methods.
+    ``protocol``: how our numbers were obtained (default: the squashed frame, per image); it names our rows'
+    ``protocol`` and ``pck`` cells and picks the estimator of their main row.
     """
+    protocol = RowProtocol.coerce(protocol)
     unknown = sorted(set(summaries) - set(DATASET_NAMES))
     if unknown:
         raise ValueError(f"zero_shot_table: unknown dataset keys {unknown}; expected {sorted(DATASET_NAMES)}")
@@ -292,32 +320,34 @@ def zero_shot_table(
         if dataset not in summaries:
             raise ValueError(f"zero_shot_table: missing summary for dataset {dataset!r}")
     columns = table3_columns()
-    ours = _ours_table3_row(summaries, method_label, matching, "pck_per_image")
+    ours = _ours_table3_row(summaries, method_label, matching, protocol.estimator, protocol.protocol)
     rows = [ours]
     if paper_row is not None:
         quoted = paper_table3_row(paper_row, paper_trained_on)
-        paper: dict[str, Any] = _label_row(quoted["name_in_paper"], "paper")
+        paper: dict[str, Any] = _paper_label_row(quoted, "table3")
         for dataset in DATASET_NAMES:
             for alpha in TABLE3_ALPHAS:
                 paper[_column_name(dataset, alpha)] = paper_table3_value(quoted, dataset, alpha)
         rows += [paper, _delta_row(ours, paper, columns)]
-    if per_keypoint:
-        rows.append(_ours_table3_row(summaries, method_label, matching, "pck_per_keypoint"))
+    if per_keypoint and protocol.estimator != "pck_per_keypoint":
+        rows.append(
+            _ours_table3_row(summaries, method_label, matching, "pck_per_keypoint", protocol.protocol)
+        )
     for other in other_matchings:
-        rows.append(_ours_table3_row(summaries, method_label, other, "pck_per_image"))
+        rows.append(_ours_table3_row(summaries, method_label, other, protocol.estimator, protocol.protocol))
     return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *arranged_columns(columns, rows)])
 
 
-def _ours_table3_row(summaries: dict[str, pd.DataFrame], label: str, matching: str, column: str) -> dict:
-    """One row of our numbers in the Table 3 layout (per image or per keypoint)."""
-    row: dict[str, Any] = _label_row(label, "ours", matching) | {"pck": PCK_VARIANTS[column]}
+def _ours_table3_row(
+    summaries: dict[str, pd.DataFrame], label: str, matching: str, estimator: str, protocol: str
+) -> dict:
+    """One row of our numbers in the Table 3 layout under ``estimator`` (``table_protocols.ESTIMATORS``)."""
+    row: dict[str, Any] = _label_row(label, "ours", matching, RowProtocol(protocol, estimator))
     for dataset in DATASET_NAMES:
         for alpha in TABLE3_ALPHAS:
             header = _column_name(dataset, alpha)
-            row[header] = summary_pck(
-                summaries[dataset], ALL_CATEGORY, matching, alpha, where=dataset, column=column
-            )
-            row |= bound_cells(header, summaries[dataset], ALL_CATEGORY, matching, alpha, dataset, column)
+            row[header] = estimator_pck(summaries[dataset], ALL_CATEGORY, matching, alpha, dataset, estimator)
+            row |= bound_cells(header, summaries[dataset], ALL_CATEGORY, matching, alpha, dataset, estimator)
     return row
 
 
@@ -330,10 +360,15 @@ def _paper_table2_for_alpha(paper_row: str, alpha: float) -> dict:
 
 
 def _ours_per_category(
-    summary_spair: pd.DataFrame, matching: str, alpha: float, where: str = "spair"
+    summary_spair: pd.DataFrame,
+    matching: str,
+    alpha: float,
+    where: str = "spair",
+    estimator: str = "pck_per_image",
 ) -> dict[str, float]:
-    """Our PCK per image keyed by the paper's short category names + All (NaN for absent categories), with
-    the bounds of each cell when the summary carries them (``table_cells.bound_cells``)."""
+    """Our PCK (per image, or the row's ``estimator``) keyed by the paper's short category names + All (NaN
+    for absent categories), with the bounds of each cell when the summary carries them
+    (``table_cells.bound_cells``)."""
     short_names = spair_short_names()
     _check_summary(summary_spair, where)
     present = set(summary_spair["category"])
@@ -341,15 +376,15 @@ def _ours_per_category(
     if unknown:
         raise ValueError(f"summary {where}: unknown categories {unknown}; expected SPair-71k categories")
     cells = {
-        short: summary_pck(summary_spair, category, matching, alpha, where)
+        short: estimator_pck(summary_spair, category, matching, alpha, where, estimator)
         if category in present
         else math.nan
         for category, short in short_names.items()
     }
-    cells[ALL_CATEGORY] = summary_pck(summary_spair, ALL_CATEGORY, matching, alpha, where)
+    cells[ALL_CATEGORY] = estimator_pck(summary_spair, ALL_CATEGORY, matching, alpha, where, estimator)
     for category, short in [*short_names.items(), (ALL_CATEGORY, ALL_CATEGORY)]:
         if category in present:
-            cells |= bound_cells(short, summary_spair, category, matching, alpha, where)
+            cells |= bound_cells(short, summary_spair, category, matching, alpha, where, estimator)
     return cells
 
 
@@ -371,19 +406,22 @@ def per_category_table(
     alpha: float = 0.1,
     matching: str = "kernel_softmax",
     paper_row: str | None = None,
+    protocol: RowProtocol | None = None,
 ) -> pd.DataFrame:
     """Table 2 layout: PCK per SPair-71k category (Aero ... TV) + All; ``paper_row`` adds paper, delta rows.
 
-    Categories absent from the summary (e.g. a demo subset) are NaN; the "All" row is required.
+    Categories absent from the summary (e.g. a demo subset) are NaN; the "All" row is required. ``protocol``:
+    how our numbers were obtained (default: the squashed frame, per image).
     """
+    protocol = RowProtocol.coerce(protocol)
     quoted = None if paper_row is None else _paper_table2_for_alpha(paper_row, alpha)
-    ours: dict[str, Any] = _label_row(label, "ours", matching)
-    ours |= _ours_per_category(summary_spair, matching, alpha)
+    ours: dict[str, Any] = _label_row(label, "ours", matching, protocol)
+    ours |= _ours_per_category(summary_spair, matching, alpha, estimator=protocol.estimator)
     short_names = spair_short_names()
     columns = [*short_names.values(), ALL_CATEGORY]
     rows = [ours]
     if quoted is not None:
-        paper: dict[str, Any] = _label_row(quoted["name_in_paper"], "paper")
+        paper: dict[str, Any] = _paper_label_row(quoted, "table2")
         paper |= {short: float(quoted["pck"][category]) for category, short in short_names.items()}
         paper[ALL_CATEGORY] = float(quoted["pck"][ALL_CATEGORY])
         rows += [paper, _delta_row(ours, paper, columns)]
@@ -502,7 +540,8 @@ RELEASED_NOTE = (
 
 def markdown_notes(df: pd.DataFrame) -> list[str]:
     """Markdown paragraphs a table needs below it: the best-in-group rule, the quoted rows' sources, the
-    released-prompt rows and what the intervals, marks and seed spreads mean."""
+    released-prompt rows, what the ``protocol`` column's values mean and what the intervals, marks and seed
+    spreads mean."""
     notes = []
     if BEST_COLUMN in df.columns:
         spair_tuned = TRAINED_ON_COLUMN in df.columns and (df[TRAINED_ON_COLUMN] == SPAIR_TUNED).any()
@@ -513,6 +552,8 @@ def markdown_notes(df: pd.DataFrame) -> list[str]:
             notes.append("\n".join(["Sources:", *(f"- {citation}" for citation in citations)]))
     if "source" in df.columns and (df["source"] == RELEASED_SOURCE).any():
         notes.append(RELEASED_NOTE)
+    if "protocol" in df.columns:
+        notes.append(PROTOCOL_LEGEND)
     return notes + companion_notes(df)
 
 
@@ -759,6 +800,7 @@ class Table2Entry:
     method: str | None = None  # the row's label when it differs from the entry's key
     source: str = "ours"  # or RELEASED_SOURCE: the authors' released prompt, evaluated by this pipeline
     seeds: pd.DataFrame | None = None  # spread across the run's seeds (uncertainty.seed_spread), > 1 seed
+    protocol: RowProtocol | None = None  # how the numbers were obtained (None: the squashed frame, per image)
 
 
 @dataclass
@@ -774,13 +816,36 @@ class Table3Entry:
     method: str | None = None  # the row's label when it differs from the entry's key (one per training set)
     source: str = "ours"  # or RELEASED_SOURCE: the authors' released prompt, evaluated by this pipeline
     seeds: dict[str, pd.DataFrame] | None = None  # per test set, the spread across the run's seeds (> 1)
+    protocol: RowProtocol | None = None  # how the numbers were obtained (None: the squashed frame, per image)
 
 
-def _label_row(method: str, source: str, matching: str = "") -> dict[str, Any]:
-    """The label cells (method, matching, source, pck) of one row; ``matching`` is empty for the papers' rows,
-    and quoted rows keep their papers' own PCK convention."""
-    pck = QUOTED_PCK if source == QUOTED_SOURCE else PCK_VARIANT
-    return {"method": method, "matching": matching, "source": source, "pck": pck}
+def _label_row(
+    method: str, source: str, matching: str = "", protocol: RowProtocol | None = None
+) -> dict[str, Any]:
+    """The label cells (method, matching, source, pck, protocol) of one of our rows (``protocol``, default
+    the squashed frame per image) or of a quoted literature row (its paper's own convention)."""
+    if source == QUOTED_SOURCE:
+        return {"method": method, "matching": matching, "source": source, "pck": QUOTED_PCK,
+                "protocol": AS_REPORTED}  # fmt: skip
+    protocol = RowProtocol.coerce(protocol)
+    return {"method": method, "matching": matching, "source": source, "pck": protocol.pck,
+            "protocol": protocol.protocol}  # fmt: skip
+
+
+def _paper_label_row(row: dict, table: str) -> dict[str, Any]:
+    """The label cells of a row of the paper's ``table`` (table1/2/3): the SD4Match paper's number of a method
+    we compute (``paper``, with what is known of how it was measured, ``table_protocols.paper_protocol``) or a
+    quoted literature number (``quoted``, as reported)."""
+    if not row.get("computed_by_us", True):
+        return _label_row(row["name_in_paper"], QUOTED_SOURCE)
+    protocol, pck = paper_protocol(row["method"], table)
+    return {
+        "method": row["name_in_paper"],
+        "matching": "",
+        "source": "paper",
+        "pck": pck,
+        "protocol": protocol,
+    }
 
 
 def _check_matching(matching: str, where: str) -> None:
@@ -789,12 +854,17 @@ def _check_matching(matching: str, where: str) -> None:
         raise ValueError(f"{where}: unknown matching method {matching!r}; expected one of {MATCHING_METHODS}")
 
 
-def table1(summaries: dict[tuple[str, str], pd.DataFrame], matching: str = "nn") -> pd.DataFrame:
+def table1(
+    summaries: dict[tuple[str, str], pd.DataFrame],
+    matching: str = "nn",
+    protocols: dict[tuple[str, str], RowProtocol | dict] | None = None,
+) -> pd.DataFrame:
     """Table 1: SPair-71k PCK@0.1 ("All", per image) of DIFT and SD+DINO* per prompt type: ours, paper, delta.
 
     ``summaries`` maps (row, prompt) -> SPair-71k summary, row in {"DIFT", "SD+DINO*"}, prompt in
     {"empty", "template", "implicit"}; cells not given (DIFT x implicit is "-" in the paper) are NaN.
-    Nearest-neighbour matching by default, as the zero-shot peers use.
+    Nearest-neighbour matching by default, as the zero-shot peers use. ``protocols``: the same keys -> how
+    each cell was obtained (default: the squashed frame); the cells of one row must share their protocol.
     """
     spec = load_paper_tables()["table1"]
     _check_matching(matching, "table1")
@@ -809,7 +879,7 @@ def table1(summaries: dict[tuple[str, str], pd.DataFrame], matching: str = "nn")
     rows = []
     for quoted in spec["rows"]:
         method = quoted["method"]
-        ours = _label_row(method, "ours", matching)
+        ours = _label_row(method, "ours", matching, _table1_protocol(protocols or {}, method))
         for prompt, header in headers.items():
             summary = summaries.get((method, prompt))
             where = f"spair ({method}, {prompt})"
@@ -818,10 +888,20 @@ def table1(summaries: dict[tuple[str, str], pd.DataFrame], matching: str = "nn")
                 continue
             ours[header] = summary_pck(summary, ALL_CATEGORY, matching, float(spec["alpha"]), where)
             ours |= bound_cells(header, summary, ALL_CATEGORY, matching, float(spec["alpha"]), where)
-        paper = _label_row(quoted["name_in_paper"], "paper")
+        paper = _paper_label_row(quoted, "table1")
         paper |= {headers[p]: math.nan if v is None else float(v) for p, v in quoted["pck"].items()}
         rows += [ours, paper, _delta_row(ours, paper, columns)]
     return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *arranged_columns(columns, rows)])
+
+
+def _table1_protocol(protocols: dict[tuple[str, str], RowProtocol | dict], row: str) -> RowProtocol:
+    """The one protocol of a Table 1 row's cells (its per-image estimator is the table's)."""
+    found = {RowProtocol.coerce(value) for (name, _), value in protocols.items() if name == row} or {OURS}
+    if len(found) > 1 or next(iter(found)).estimator != "pck_per_image":
+        raise ValueError(
+            f"table1: the cells of row {row!r} need one per-image protocol, got {sorted(map(str, found))}"
+        )
+    return found.pop()
 
 
 def _as_entry(value: Any, cls: type, label: str, where: str) -> Any:
@@ -944,15 +1024,16 @@ def table2_full(
     alpha = float(spec["alpha"])
 
     def paper_row(row: dict) -> dict[str, Any]:
-        source = "paper" if row["computed_by_us"] else QUOTED_SOURCE
         cells = {short: float(row["pck"][category]) for category, short in short_names.items()}
         cells[ALL_CATEGORY] = float(row["pck"][ALL_CATEGORY])
-        return {GROUP_COLUMN: row["group"], **_label_row(row["name_in_paper"], source), **cells,
+        return {GROUP_COLUMN: row["group"], **_paper_label_row(row, "table2"), **cells,
                 CITATION_COLUMN: row["citation"]}  # fmt: skip
 
     def ours_row(label: str, entry: Table2Entry, row: dict | None) -> dict[str, Any]:
-        cells = _ours_per_category(entry.summary, entry.matching, alpha, where=f"spair ({label})")
-        labels = _label_row(entry.method or label, entry.source, entry.matching)
+        protocol = RowProtocol.coerce(entry.protocol)
+        where = f"spair ({label})"
+        cells = _ours_per_category(entry.summary, entry.matching, alpha, where, protocol.estimator)
+        labels = _label_row(entry.method or label, entry.source, entry.matching, protocol)
         return {GROUP_COLUMN: entry.group, **labels, **cells,
                 CITATION_COLUMN: "" if row is None else row["citation"]}  # fmt: skip
 
@@ -1029,19 +1110,20 @@ def table3_full(
     columns = [header for _, _, header in cells_spec]
 
     def paper_row(row: dict) -> dict[str, Any]:
-        source = "paper" if row["computed_by_us"] else QUOTED_SOURCE
         cells = {header: paper_table3_value(row, d, a) for d, a, header in cells_spec}
-        return {GROUP_COLUMN: row["group"], **_label_row(row["name_in_paper"], source),
+        return {GROUP_COLUMN: row["group"], **_paper_label_row(row, "table3"),
                 TRAINED_ON_COLUMN: _trained_on_name(row["trained_on"]), **cells,
                 CITATION_COLUMN: row["citation"]}  # fmt: skip
 
     def ours_row(label: str, entry: Table3Entry, row: dict | None) -> dict[str, Any]:
+        protocol = RowProtocol.coerce(entry.protocol)
         cells: dict[str, Any] = {}
         for d, a, header in cells_spec:
-            where = f"{d} ({label})"
-            cells[header] = summary_pck(entry.summaries[d], ALL_CATEGORY, entry.matching, a, where=where)
-            cells |= bound_cells(header, entry.summaries[d], ALL_CATEGORY, entry.matching, a, where)
-        return {GROUP_COLUMN: entry.group, **_label_row(entry.method or label, entry.source, entry.matching),
+            summary, where = entry.summaries[d], f"{d} ({label})"
+            cells[header] = estimator_pck(summary, ALL_CATEGORY, entry.matching, a, where, protocol.estimator)
+            cells |= bound_cells(header, summary, ALL_CATEGORY, entry.matching, a, where, protocol.estimator)
+        labels = _label_row(entry.method or label, entry.source, entry.matching, protocol)
+        return {GROUP_COLUMN: entry.group, **labels,
                 TRAINED_ON_COLUMN: _trained_on_name(entry.trained_on), **cells,
                 CITATION_COLUMN: "" if row is None else row["citation"]}  # fmt: skip
 
@@ -1075,7 +1157,19 @@ def table3_full(
 # Building the full tables from the pipeline's summary files (called by the Snakemake table rules)
 # ----------------------------------------------------------------------------------------------------------
 
-ZERO_SHOT_PAPER_ROWS = {"dino": "DINO", "dinov2": "DINOv2", "dift": "DIFT", "sddino": "SD+DINO"}
+# The zero-shot methods of Tables 2/3 (config names): the row label, and the paper row a method sits beside
+# with a delta. A method is linked only when its protocol is the quoted number's (DIFT's own evaluation,
+# sd-dino's own) or that is unknown (DINO, DINOv2: their rows say "unstated"); the 768-frame rows of DIFT and
+# SD+DINO, for comparison with SD4Match, are listed without a paper number.
+ZERO_SHOT_LABELS = {
+    "dino": "DINO",
+    "dinov2": "DINOv2",
+    "dift_orig": "DIFT",
+    "sddino": "SD+DINO",
+    "dift": "DIFT",
+    "sddino_squashed": "SD+DINO",
+}
+ZERO_SHOT_PAPER_ROWS = {"dino": "DINO", "dinov2": "DINOv2", "dift_orig": "DIFT", "sddino": "SD+DINO"}
 
 
 def _read(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -1100,18 +1194,69 @@ def _evaluation_reader(
     return read
 
 
+def _zero_shot_entry(method: str, protocols: dict[str, Any], zero_shot_matching: str) -> dict[str, Any]:
+    """Table2Entry / Table3Entry fields of a zero-shot method: label, paper row, protocol and matching (the
+    one its protocol fixes, else the tables' zero-shot matching)."""
+    if method not in ZERO_SHOT_LABELS:
+        raise ValueError(f"zero-shot method {method!r} has no table row; known: {sorted(ZERO_SHOT_LABELS)}")
+    protocol = RowProtocol.coerce(protocols.get(method))
+    return {
+        "matching": protocol.matching or zero_shot_matching,
+        "paper_row": ZERO_SHOT_PAPER_ROWS.get(method),
+        "method": ZERO_SHOT_LABELS[method],
+        "protocol": protocol,
+    }
+
+
+def zero_shot_protocols(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{method: RowProtocol.to_dict()}`` of configured zero-shot methods, for the table rules' params."""
+    return {name: method_row_protocol(method).to_dict() for name, method in methods.items()}
+
+
+def zero_shot_dift_table(
+    summaries: dict[str, dict[str, pd.DataFrame]],
+    protocols: dict[str, Any],
+    matching: str,
+    other_matchings: tuple[str, ...] = (),
+) -> pd.DataFrame:
+    """The zero-shot DIFT table (Table 3 layout): for each DIFT method in order (``dift_orig``, ``dift``),
+    ours (+ per keypoint), with the paper's row and the delta only where the protocol is the quoted number's
+    (``ZERO_SHOT_PAPER_ROWS``); the other matchings where the protocol leaves the matching open."""
+    frames = []
+    for method, per_dataset in summaries.items():
+        fields = _zero_shot_entry(method, protocols, matching)
+        protocol = fields["protocol"]
+        others = () if protocol.matching else tuple(m for m in other_matchings if m != fields["matching"])
+        frames.append(
+            zero_shot_table(
+                per_dataset,
+                fields["method"],
+                fields["matching"],
+                fields["paper_row"],
+                per_keypoint=True,
+                other_matchings=others,
+                protocol=protocol,
+            )  # fmt: skip
+        )
+    if not frames:
+        raise ValueError("zero_shot_dift_table: no DIFT summaries")
+    return pd.concat(frames, ignore_index=True)
+
+
 def table2_from_files(
     zero_shot: dict[str, str],
     sd4match: dict[str, str],
     variants: dict[str, dict[str, Any]],
     matching: str,
     zero_shot_matching: str,
+    zero_shot_protocols: dict[str, Any] | None = None,
     intervals: BootstrapSettings | None = None,
     seeds: Mapping[str, Mapping[int, str]] | None = None,
     released: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Full Table 2 from summary files: zero-shot methods (keys of ZERO_SHOT_PAPER_ROWS) and SPair-tuned
-    SD4Match variants (the paper's CPM design maps to its CPM row; ablations get no paper row).
+    """Full Table 2 from summary files: zero-shot methods (keys of ZERO_SHOT_LABELS, with their
+    ``zero_shot_protocols``; default: the squashed frame) and SPair-tuned SD4Match variants (the paper's CPM
+    design maps to its CPM row; ablations get no paper row).
 
     ``intervals``: bootstrap every printed cell from the per-pair CSV beside its summary; ``seeds``: variant
     -> {seed: summary} of its runs (a seeds row when there are several); ``released``: variant kind -> the
@@ -1121,8 +1266,8 @@ def table2_from_files(
     paper_cpm = paper_cpm_variants(variants)
     entries: dict[str, Table2Entry] = {}
     for method, path in zero_shot.items():
-        row = ZERO_SHOT_PAPER_ROWS[method]
-        entries[row] = Table2Entry("Z", read(path, zero_shot_matching), zero_shot_matching, row)
+        fields = _zero_shot_entry(method, zero_shot_protocols or {}, zero_shot_matching)
+        entries[method] = Table2Entry("Z", read(path, fields["matching"]), **fields)
     for variant, path in sd4match.items():
         kind = variants[variant]["kind"]
         paper_row = _paper_row_for(kind, variant in paper_cpm)
@@ -1146,12 +1291,14 @@ def table3_from_files(
     variants: dict[str, dict[str, Any]],
     matching: str,
     zero_shot_matching: str,
+    zero_shot_protocols: dict[str, Any] | None = None,
     intervals: BootstrapSettings | None = None,
     seeds: Mapping[str, Mapping[int, str]] | None = None,
     released: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Full Table 3 from summary files keyed ``<method>/<dataset>`` (zero-shot) and
-    ``<trainset>/<variant>/<dataset>`` (SD4Match runs evaluated on all three test sets).
+    """Full Table 3 from summary files keyed ``<method>/<dataset>`` (zero-shot, in the given order, with their
+    ``zero_shot_protocols``) and ``<trainset>/<variant>/<dataset>`` (SD4Match runs evaluated on all three test
+    sets).
 
     ``intervals``, ``seeds`` (same keys as ``sd4match`` -> {seed: summary}) and ``released`` (keys
     ``<trainset>/<variant kind>/<dataset>``: the authors' released prompts; those evaluated on the three test
@@ -1159,11 +1306,10 @@ def table3_from_files(
     read = _evaluation_reader(intervals, None)
     paper_cpm = paper_cpm_variants(variants)
     entries: dict[str, Table3Entry] = {}
-    methods = sorted({key.split("/")[0] for key in zero_shot}, key=list(ZERO_SHOT_PAPER_ROWS).index)
-    for method in methods:
-        row = ZERO_SHOT_PAPER_ROWS[method]
-        summaries = {d: read(zero_shot[f"{method}/{d}"], zero_shot_matching) for d in DATASET_NAMES}
-        entries[row] = Table3Entry("Z", summaries, zero_shot_matching, row)
+    for method in dict.fromkeys(key.split("/")[0] for key in zero_shot):
+        fields = _zero_shot_entry(method, zero_shot_protocols or {}, zero_shot_matching)
+        summaries = {d: read(zero_shot[f"{method}/{d}"], fields["matching"]) for d in DATASET_NAMES}
+        entries[method] = Table3Entry("Z", summaries, **fields)
     for trainset, variant in runs:
         kind = variants[variant]["kind"]
         keys = {d: f"{trainset}/{variant}/{d}" for d in DATASET_NAMES}

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from sd4match.uncertainty import (
+    BOUND_KINDS,
     PCK_KINDS,
     BootstrapSettings,
     format_bounds,
@@ -73,8 +74,9 @@ def _keyed(frame: pd.DataFrame) -> pd.DataFrame:
 
 def attach_bounds(summary: pd.DataFrame, intervals: pd.DataFrame, where: str) -> pd.DataFrame:
     """``summary`` (its rows and point values unchanged) plus the ``<kind>_lo`` / ``<kind>_hi`` columns of
-    ``intervals`` (``uncertainty.summary_with_intervals``) on the rows they cover (NaN elsewhere). Their
-    point values must agree: a summary and a per-pair table of two different runs are refused."""
+    ``intervals`` (``uncertainty.summary_with_intervals``; every kind of ``BOUND_KINDS``, sd-dino's
+    category-weighted All included) on the rows they cover (NaN elsewhere). Their point values must agree: a
+    summary and a per-pair table of two different runs are refused."""
     ours, theirs = _keyed(summary), _keyed(intervals)
     missing = theirs.index.difference(ours.index)
     if len(missing):
@@ -88,7 +90,7 @@ def attach_bounds(summary: pd.DataFrame, intervals: pd.DataFrame, where: str) ->
                 f"{key} by {gap.max():.3g}; they come from different runs (rerun the evaluation)"
             )
     out = summary.copy()
-    for kind in PCK_KINDS:
+    for kind in BOUND_KINDS:
         for suffix in (LO, HI):
             column = theirs[f"{kind}{suffix}"].reindex(ours.index)
             out[f"{kind}{suffix}"] = column.to_numpy(float)

@@ -12,11 +12,13 @@ resumes and ends with exactly the result of an uninterrupted one; a finished run
 Randomness (all seeded from ``settings.seed``):
 - pair order: epoch ``e`` is a permutation from a generator seeded with ``seed + e``; pairs are taken in
   order, ``batch_size`` per step, across epoch boundaries;
-- latents and noise: a persistent ``torch.Generator`` (checkpointed) gives one seed per step; chunk ``j`` of
-  the step (``per_device_batch`` pairs, chunks numbered over accumulation steps and processes) uses a
-  generator seeded with ``step_seed + j`` for its latent samples and then its noise, so 1 GPU x 3
-  accumulation steps and 3 GPUs draw the same numbers;
-- validation: seeded per image / per pair chunk, independent of training randomness (``training_validation``).
+- latents and noise: a persistent ``torch.Generator`` (checkpointed) gives one seed per step; the pair at
+  position ``i`` of the step's batch draws its source latent, target latent, source noise and target noise
+  from a generator seeded with ``step_seed + i`` (diffusers' per-row generators), so however the batch is
+  split (``per_device_batch`` pairs per call, over accumulation steps and processes) every pair gets the same
+  numbers: 1 GPU x 9 pairs, 1 GPU x 3 accumulation steps of 3 and 3 GPUs train the same prompt (to float
+  rounding of the batched calls);
+- validation: seeded per image / per pair, independent of training randomness (``training_validation``).
 
 Non-finite values never reach a checkpoint: a NaN/inf loss stops the run; a NaN/inf gradient with a finite
 loss stops it before the step without a grad scaler (fp32, bf16, CPU), while with fp16 the grad scaler skips
@@ -61,6 +63,7 @@ from sd4match.training_data import (
 )
 from sd4match.training_features import PairFeatures
 from sd4match.training_job import TrainJob, TrainSettings, read_job, write_job
+from sd4match.training_memory import resolve_per_device_batch
 from sd4match.training_state import (
     Checkpointer,
     Progress,
@@ -122,6 +125,16 @@ def require_frozen(modules: Mapping[str, nn.Module]) -> None:
             raise RuntimeError(f"{name} must be frozen but {trainable[:3]} require gradients")
 
 
+def run_placement(accelerator: Any = None) -> tuple[int, torch.device]:
+    """Processes and device of this run: the given accelerator's, else what ``default_accelerator`` gets."""
+    if accelerator is not None:
+        return accelerator.num_processes, accelerator.device
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.num_processes, state.device
+
+
 def default_accelerator(settings: TrainSettings) -> Any:
     """The accelerator of a plain run: CUDA with the settings' mixed precision where available, else CPU.
 
@@ -159,6 +172,17 @@ def load_frozen_sd(
         max_batch=2 * settings.per_device_batch,
     )
     return components, featurizer
+
+
+def image_rows(
+    generator: torch.Generator | Sequence[torch.Generator],
+) -> torch.Generator | list[torch.Generator]:
+    """Generators of a chunk's image rows (sources, then targets): each pair's generator serves both of its
+    images, so every pair's draws are the same whatever chunk it is computed in; a single generator serves
+    the whole chunk."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    return [*generator, *generator]
 
 
 def log_step(progress: Progress, steps: int, optimizer: Any, rate: float) -> None:
@@ -214,7 +238,12 @@ class PromptTrainer:
     (``training_state``)."""
 
     def __init__(self, job: TrainJob, accelerator: Any = None) -> None:
-        self.job, self.settings = job, job.settings
+        self.job = job
+        self.data = load_training_data(job)
+        processes, device = run_placement(accelerator)
+        self.settings = resolve_per_device_batch(
+            job.settings, processes, device, self.data.sd_record.local_path
+        )
         accelerator = default_accelerator(self.settings) if accelerator is None else accelerator
         self.accumulation = self.settings.accumulation_steps(accelerator.num_processes)
         if accelerator.gradient_accumulation_steps != self.accumulation:
@@ -223,7 +252,6 @@ class PromptTrainer:
                 f"settings need {self.accumulation}"
             )
         self.accelerator, self.device = accelerator, accelerator.device
-        self.data = load_training_data(job)
         self._load_models()
         self.features = PairFeatures(
             self.featurizer, self.components.text_encoder, self.data.dino, self.device
@@ -280,12 +308,16 @@ class PromptTrainer:
 
     # -- the optimisation step
 
-    def chunk_loss(self, pairs: Sequence[TrainPair], generator: torch.Generator) -> Tensor:
-        """Matching loss (paper Eq. 5) of one chunk of pairs at the training timestep."""
+    def chunk_loss(
+        self, pairs: Sequence[TrainPair], generator: torch.Generator | Sequence[torch.Generator]
+    ) -> Tensor:
+        """Matching loss (paper Eq. 5) of one chunk of pairs at the training timestep. ``generator``: one per
+        pair (each draws its pair's latents, then its noise), or one for the whole chunk."""
         s = self.settings
         batch = collate_pairs(pairs, self.device)
-        latents = self.data.latents.sample(batch.src_keys + batch.trg_keys, self.scaling_factor, generator)
-        src_feat, trg_feat = self.features(self.module, batch, latents, s.timestep, generator)
+        rows = image_rows(generator)
+        latents = self.data.latents.sample(batch.src_keys + batch.trg_keys, self.scaling_factor, rows)
+        src_feat, trg_feat = self.features(self.module, batch, latents, s.timestep, rows)
         return matching_loss(
             src_feat,
             trg_feat,
@@ -307,13 +339,11 @@ class PromptTrainer:
         losses = []
         for micro in range(self.accumulation):
             chunk = micro * acc.num_processes + acc.process_index
-            pairs = [
-                self.train_pairs[i]
-                for i in indices[chunk * s.per_device_batch : (chunk + 1) * s.per_device_batch]
-            ]
-            generator = torch.Generator().manual_seed(step_seed + chunk)
+            positions = range(chunk * s.per_device_batch, (chunk + 1) * s.per_device_batch)
+            pairs = [self.train_pairs[indices[i]] for i in positions]
+            generators = [torch.Generator().manual_seed(step_seed + i) for i in positions]
             with acc.accumulate(self.module):
-                loss = self.chunk_loss(pairs, generator)
+                loss = self.chunk_loss(pairs, generators)
                 acc.backward(loss)
             losses.append(loss.detach().float())
         step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")

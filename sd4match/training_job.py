@@ -23,6 +23,7 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 # per_device_batch pairs of each step's batch_size, in one process.
 BATCH_SEMANTICS = ("paper", "authors_code")
 VAL_EPOCH = "epoch"
+AUTO = "auto"  # per_device_batch chosen from the device's memory (sd4match.training_memory)
 CHECKPOINT_NAME = "checkpoint.pt"
 JOB_NAME = "job.json"
 # Metadata keys the trainer writes into the saved prompt's sidecar; job.metadata must not use them.
@@ -74,15 +75,17 @@ class TrainSettings:
     ``batch_size`` is the number of pairs drawn per step; with ``batch_semantics="paper"`` every one of them
     enters the step's gradient, over all processes and gradient-accumulation steps (``batch_size =
     per_device_batch x num_processes x accumulation``); with ``"authors_code"`` only the first
-    ``per_device_batch`` do (rank 0's share of the authors' 3-GPU run, one process). ``val_every`` is a
-    number of steps or ``"epoch"`` (ceil(N / batch_size) steps, the authors' choice); validation runs at
+    ``per_device_batch`` do (rank 0's share of the authors' 3-GPU run, one process). ``per_device_batch`` is a
+    number or ``"auto"`` (paper semantics only: the largest that fits the device,
+    ``training_memory.resolve_per_device_batch``; it never changes the result). ``val_every`` is a number of
+    steps or ``"epoch"`` (ceil(N / batch_size) steps, the authors' choice); validation runs at
     ``val_timestep`` (261, the training timestep, as the authors validate).
     """
 
     variant: str
     steps: int = 30000
     batch_size: int = 9
-    per_device_batch: int = 3
+    per_device_batch: int | str = 3
     lr: float = 1e-2
     lr_linear: float = 1e-3
     timestep: int = 261
@@ -104,7 +107,7 @@ class TrainSettings:
         bad = self._bad_fields()
         if bad:
             raise ValueError("TrainSettings: " + "; ".join(bad))
-        if self.batch_size % self.per_device_batch:
+        if self.per_device_batch != AUTO and self.batch_size % self.per_device_batch:
             raise ValueError(
                 f"TrainSettings: batch_size ({self.batch_size}) must be a multiple of per_device_batch "
                 f"({self.per_device_batch})"
@@ -115,9 +118,13 @@ class TrainSettings:
         bad = []
         if self.variant not in VARIANTS:
             bad.append(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        for name in ("steps", "batch_size", "per_device_batch", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not _positive_int(getattr(self, name)):
                 bad.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.per_device_batch != AUTO and not _positive_int(self.per_device_batch):
+            bad.append(
+                f"per_device_batch must be a positive integer or {AUTO!r}, got {self.per_device_batch!r}"
+            )
         for name in ("lr", "lr_linear", "temperature", "sigma"):
             if not _positive_number(getattr(self, name)):
                 bad.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
@@ -139,23 +146,49 @@ class TrainSettings:
             bad.append(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
         if self.batch_semantics not in BATCH_SEMANTICS:
             bad.append(f"batch_semantics must be one of {BATCH_SEMANTICS}, got {self.batch_semantics!r}")
+        elif self.batch_semantics == "authors_code" and self.per_device_batch == AUTO:
+            bad.append(
+                "per_device_batch must be a number with batch_semantics 'authors_code' (it is the effective "
+                "batch there, the authors' 3), not 'auto'"
+            )
         return bad
 
     @property
     def effective_batch(self) -> int:
         """Pairs whose gradient one optimiser step averages: batch_size (paper) or per_device_batch."""
-        return self.batch_size if self.batch_semantics == "paper" else self.per_device_batch
+        return self.batch_size if self.batch_semantics == "paper" else int(self.per_device_batch)
+
+    def pairs_per_process(self, num_processes: int) -> int:
+        """Pairs each process computes per optimiser step: ``batch_size / num_processes`` (paper), or the
+        ``per_device_batch`` pairs of the one ``authors_code`` process."""
+        if self.batch_semantics == "authors_code":
+            self._check_authors_code(num_processes)
+            return int(self.per_device_batch)
+        if not _positive_int(num_processes) or self.batch_size % num_processes:
+            raise ValueError(
+                f"TrainSettings: batch_size ({self.batch_size}) must be split evenly over num_processes "
+                f"({num_processes})"
+            )
+        return self.batch_size // num_processes
+
+    def _check_authors_code(self, num_processes: int) -> None:
+        if num_processes != 1:
+            raise ValueError(
+                f"TrainSettings: batch_semantics 'authors_code' trains one copy (rank 0 of the authors' "
+                f"run) in one process, not {num_processes}; set the config's gpu.train to 1"
+            )
 
     def accumulation_steps(self, num_processes: int) -> int:
         """Gradient-accumulation steps A with ``batch_size = per_device_batch x num_processes x A`` (paper);
         1 for ``authors_code``, which trains one copy in one process."""
         if self.batch_semantics == "authors_code":
-            if num_processes != 1:
-                raise ValueError(
-                    f"TrainSettings: batch_semantics 'authors_code' trains one copy (rank 0 of the authors' "
-                    f"run) in one process, not {num_processes}; set the config's gpu.train to 1"
-                )
+            self._check_authors_code(num_processes)
             return 1
+        if self.per_device_batch == AUTO:
+            raise ValueError(
+                "TrainSettings: per_device_batch is 'auto': choose it for the device first "
+                "(sd4match.training_memory.resolve_per_device_batch)"
+            )
         per_round = self.per_device_batch * num_processes
         if num_processes < 1 or self.batch_size % per_round:
             raise ValueError(

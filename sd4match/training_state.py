@@ -56,8 +56,9 @@ CHECKPOINT_KEYS = (
 )
 CURVE_COLUMNS = ("step", "loss", "val_pck")
 # Settings that do not change what a run computes; a checkpoint stays valid when they change (gradient
-# checkpointing only trades memory for time: a run killed by an out-of-memory error can resume with it).
-BOOKKEEPING_SETTINGS = ("checkpoint_every", "log_every", "gradient_checkpointing")
+# checkpointing and the pairs per call only trade memory for time: a run killed by an out-of-memory error can
+# resume with gradient checkpointing or fewer pairs per call, a run moved to a larger GPU with more).
+BOOKKEEPING_SETTINGS = ("checkpoint_every", "log_every", "gradient_checkpointing", "per_device_batch")
 # Identity entries shown setting by setting when they differ; the others are content digests or models.
 ITEMISED = ("settings", "cpm")
 IDENTITY_HASH_LENGTH = 16
@@ -159,7 +160,10 @@ def training_identity(
 ) -> dict[str, Any]:
     """What determines a run's result: settings (but bookkeeping), CPM config, categories, and the content
     identities of its inputs (``TrainingData.inputs_identity``)."""
-    kept = {k: v for k, v in settings.items() if k not in BOOKKEEPING_SETTINGS}
+    bookkeeping = set(BOOKKEEPING_SETTINGS)
+    if settings.get("batch_semantics") == "authors_code":
+        bookkeeping.discard("per_device_batch")  # there it is the effective batch: it changes the result
+    kept = {k: v for k, v in settings.items() if k not in bookkeeping}
     identity = {"settings": kept, "cpm": None if cpm is None else dict(cpm), "categories": categories}
     return json.loads(json.dumps({**identity, **inputs}, sort_keys=True))
 

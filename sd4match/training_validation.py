@@ -1,22 +1,34 @@
 """Validation of a prompt during tuning: mean per-pair PCK@0.1 (nearest neighbour) on the validation pairs.
 
 Each image's latent (a posterior sample, as ``latent_dist.sample()`` at test time) and, for per-image prompts,
-its noise come from a generator seeded with ``evaluation.image_seed``; CPM pairs draw their noise from a
-generator seeded by the chunk's pair ids. Validation is therefore the same at every evaluation, independent of
-training randomness, and equal to the test-time evaluation of the same prompt.
+its noise come from a generator seeded with ``evaluation.image_seed``; each CPM pair draws its noise from a
+generator seeded by its pair id. Validation is therefore the same at every evaluation, independent of
+training randomness and of how many pairs go through the UNet at once, and (per-image prompts) equal to the
+test-time evaluation of the same prompt. It runs the evaluation's machinery: each distinct prompt encoded once
+per validation pass (``CategoryPromptEncoder``), pairs matched on the device (``iter_predictions``,
+``score_pairs``), only predictions moved to the CPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sd4match.evaluation import ImageKey, MatchingSettings, image_seed, score_pair
-from sd4match.prompt_learning import LearnedPrompt, PromptBatch
-from sd4match.prompts import encode_sequence
-from sd4match.training_data import TrainingData, cache_key, collate_pairs, pair_chunk_seed, pair_image_keys
+from sd4match.evaluation import (
+    FeatureFn,
+    ImageKey,
+    MatchingSettings,
+    image_seed,
+    iter_predictions,
+    score_pairs,
+    score_predictions,
+)
+from sd4match.prompt_learning import LearnedPrompt
+from sd4match.prompts import CategoryPromptEncoder
+from sd4match.training_data import TrainingData, cache_key, collate_pairs, pair_chunk_seed
 from sd4match.training_features import PairFeatures
 
 VAL_ALPHA = 0.1
@@ -42,39 +54,41 @@ class Validator:
         """A posterior sample (1, 4, S/8, S/8) of a validation image drawn from ``generator``."""
         return self.data.latents.sample([cache_key(key)], self.scaling_factor, generator)
 
-    def image_feature(self, module: LearnedPrompt, key: ImageKey) -> Tensor:
-        """Validation feature (C, s, s) of one image (per-image prompt); latent and noise seeded per image."""
-        generator = torch.Generator().manual_seed(image_seed(self.settings.seed, key))
-        latent = self.latent(key, generator)
-        embeds = module.prompt_pair(PromptBatch([key.category]))[0]
-        hidden = encode_sequence(self.features.text_encoder, embeds)
-        feature = self.features.featurizer.extract_from_latents(
-            latent, hidden, self.settings.val_timestep, 1, generator
-        )
-        return feature[0].cpu()
+    def image_features(self, conditioning: CategoryPromptEncoder) -> FeatureFn:
+        """Validation features (B, C, s, s) of images (per-image prompt), on the device; each image's latent
+        and noise from its own seeded generator, its prompt encoded once per validation pass."""
+        featurizer, t = self.features.featurizer, self.settings.val_timestep
 
-    def score(self, row: Any, src_feat: Tensor, trg_feat: Tensor) -> float:
-        """PCK@0.1 (percent, nearest neighbour) of one validation pair."""
-        return score_pair(row, src_feat, trg_feat, self.matching)[0].pck
+        def features_for(keys: Sequence[ImageKey]) -> Tensor:
+            out = []
+            for key in keys:
+                generator = torch.Generator().manual_seed(image_seed(self.settings.seed, key))
+                latent = self.latent(key, generator)
+                out.append(
+                    featurizer.extract_from_latents(latent, conditioning([key.category]), t, 1, generator)
+                )
+            return torch.cat(out)
+
+        return features_for
 
     def per_image(self, module: LearnedPrompt) -> tuple[float, int]:
-        """Sum and count of pair PCKs, features once per distinct image (categories split over processes)."""
-        total, count = 0.0, 0
+        """Sum and count of pair PCKs, features once per distinct image (categories split over processes),
+        each category's pairs matched on the device in batches."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        for index, (_, group) in enumerate(self.data.val.groupby("category", sort=False)):
-            if index % world != rank:
-                continue
-            rows = list(group.itertuples())
-            keys = sorted({k for row in rows for k in pair_image_keys(row)}, key=str)
-            feats = {key: self.image_feature(module, key) for key in keys}
-            for row in rows:
-                src, trg = pair_image_keys(row)
-                total += self.score(row, feats[src], feats[trg])
+        categories = list(dict.fromkeys(self.data.val["category"]))  # first-appearance order
+        mine = [c for index, c in enumerate(categories) if index % world == rank]
+        pairs = self.data.val[self.data.val["category"].isin(mine)]
+        features_for = self.image_features(CategoryPromptEncoder(self.features.text_encoder, module))
+        total, count = 0.0, 0
+        for rows, _, predictions in iter_predictions(pairs, features_for, self.matching):
+            for row, preds in zip(rows, predictions, strict=True):
+                total += score_predictions(row, preds, self.matching)[0].pck
                 count += 1
         return total, count
 
     def per_pair(self, module: LearnedPrompt) -> tuple[float, int]:
-        """Sum and count of pair PCKs with a prompt per pair (CPM), chunks split over processes."""
+        """Sum and count of pair PCKs with a prompt per pair (CPM), chunks split over processes and matched on
+        the device; each pair's noise from a generator seeded by its pair id."""
         total, count, size = 0.0, 0, self.settings.per_device_batch
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         rows = list(self.data.val.itertuples())
@@ -90,13 +104,16 @@ class Validator:
                     for k in keys
                 ]
             )
-            generator = torch.Generator().manual_seed(pair_chunk_seed(self.settings.seed, batch.pair_ids))
+            noise = [
+                torch.Generator().manual_seed(pair_chunk_seed(self.settings.seed, [i]))
+                for i in batch.pair_ids
+            ]
             src, trg = self.features(
-                module.prompt_pair, batch, latents, self.settings.val_timestep, generator
+                module.prompt_pair, batch, latents, self.settings.val_timestep, [*noise, *noise]
             )
-            for i, row in enumerate(rows[start : start + size]):
-                total += self.score(row, src[i].cpu(), trg[i].cpu())
-                count += 1
+            scores = score_pairs(rows[start : start + size], src, trg, self.matching)
+            total += sum(score.pck for score in scores)
+            count += len(scores)
         return total, count
 
     @torch.no_grad()

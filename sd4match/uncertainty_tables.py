@@ -22,7 +22,7 @@ from sd4match.reporting import (
     LABEL_COLUMNS,
     PAPER_ROW_OF_KIND,
     PCK_VARIANT,
-    ZERO_SHOT_PAPER_ROWS,
+    ZERO_SHOT_LABELS,
     load_paper_tables,
     spair_short_names,
     variant_label,
@@ -40,6 +40,7 @@ from sd4match.table_cells import (
     per_pair_path,
     read_seed_spread,
 )
+from sd4match.table_protocols import OURS, RowProtocol
 from sd4match.uncertainty import (
     BootstrapSettings,
     cell_interval,
@@ -110,9 +111,12 @@ def table2_comparisons(
     variants: Mapping[str, Mapping[str, Any]],
     matching: str,
     zero_shot_matching: str,
+    zero_shot_protocols: Mapping[str, Any] | None = None,
 ) -> list[Comparison]:
     """The comparisons a Table 2 reader asks about: every SPair-tuned variant against SD4Match-Single (CPM
-    vs Single: does conditioning help?) and against DIFT (ours vs the zero-shot SD baseline)."""
+    vs Single: does conditioning help?) and against DIFT (ours vs the zero-shot SD baseline) when DIFT is
+    measured by our protocol (``dift``, the squashed frame; ``zero_shot_protocols`` as in
+    ``reporting.table2_from_files``): a difference across protocols would mix frames."""
     order = list(PAPER_ROW_OF_KIND)
     ranked = sorted(sd4match, key=lambda v: (order.index(variants[v]["kind"]), v != variants[v]["kind"], v))
     label = {v: variant_label(variants[v]["kind"], v) for v in ranked}
@@ -130,8 +134,8 @@ def table2_comparisons(
                     matching,
                 )
             )
-    if "dift" in zero_shot:
-        dift = ZERO_SHOT_PAPER_ROWS["dift"]
+    if "dift" in zero_shot and RowProtocol.coerce((zero_shot_protocols or {}).get("dift")) == OURS:
+        dift = ZERO_SHOT_LABELS["dift"]
         for variant in ranked:
             out.append(
                 Comparison(
@@ -161,6 +165,7 @@ def paired_row(comparison: Comparison, settings: BootstrapSettings, alpha: float
         "matching": _matching_label(c.matching_a, c.matching_b),
         "source": PAIRED_SOURCE,
         "pck": PCK_VARIANT,
+        "protocol": OURS.protocol,  # both sides by this pipeline's protocol (table2_comparisons)
     }
     for category, short in [*spair_short_names().items(), (ALL_CATEGORY, ALL_CATEGORY)]:
         if category not in diff.index:

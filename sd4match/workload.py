@@ -240,39 +240,47 @@ class _PairRow:
 class CodePaths:
     """The code paths issue 9 changes; the defaults describe the code of this checkout.
 
-    ``sd_dino_per_image``: SD+DINO runs its networks once per distinct image (True since this change; False
-    is the per-pair path before it). ``eval_vae_cache``: evaluations read test latents from a cache instead of
-    running the VAE. ``text_dedup``: distinct prompts are encoded once per evaluation job (per category / per
-    pair). ``matching_on_device``: evaluation pairs are scored on the GPU, leaving no per-pair CPU work.
-    ``train_text_dedup`` / ``train_matching_on_device``: the same inside training (micro-batches, validation).
+    ``sd_dino_per_image``: SD+DINO runs its networks once per distinct image (False: per pair).
+    ``eval_vae_cache``: evaluations sample test latents from the test split's cache (rule test_latent_cache:
+    one VAE pass per distinct image for the DAG) instead of loading and encoding each image in every job.
+    ``text_dedup``: distinct prompts are encoded once per evaluation job (per category / per pair).
+    ``matching_on_device``: evaluation pairs are scored on the GPU, leaving no per-pair CPU work.
+    ``train_text_dedup`` / ``train_matching_on_device``: the same inside training (each distinct prompt of a
+    micro-batch and of a validation pass encoded once; validation pairs matched on the device).
+    ``train_batch_by_memory``: ``per_device_batch: auto`` is chosen from the GPU's memory
+    (``training_memory``, the projected GPU: ``PROJECTED_GPU_MEMORY``); False: the pairs per call the paper
+    config gave before ``auto`` existed (``PREVIOUS_PER_DEVICE_BATCH``).
     """
 
     sd_dino_per_image: bool = True
-    eval_vae_cache: bool = False
+    eval_vae_cache: bool = True
     text_dedup: bool = True
     matching_on_device: bool = True
-    train_text_dedup: bool = False
-    train_matching_on_device: bool = False
+    train_text_dedup: bool = True
+    train_matching_on_device: bool = True
+    train_batch_by_memory: bool = True
 
 
 CODE_PRESETS = {
-    "before": CodePaths(
+    "before": CodePaths(  # before issue 9
         sd_dino_per_image=False,
+        eval_vae_cache=False,
         text_dedup=False,
         matching_on_device=False,
         train_text_dedup=False,
         train_matching_on_device=False,
+        train_batch_by_memory=False,
+    ),
+    "partial": CodePaths(  # issue 9 sections 1, 2 (SD+DINO per image, prompts once) and 3 (kernels) merged
+        eval_vae_cache=False,
+        train_text_dedup=False,
+        train_matching_on_device=False,
+        train_batch_by_memory=False,
     ),
     "current": CodePaths(),
-    "issue9": CodePaths(
-        sd_dino_per_image=True,
-        eval_vae_cache=True,
-        text_dedup=True,
-        matching_on_device=True,
-        train_text_dedup=True,
-        train_matching_on_device=True,
-    ),
 }
+PROJECTED_GPU_MEMORY = 80 * 10**9  # H100 SXM: 80 GB of HBM3
+PREVIOUS_PER_DEVICE_BATCH = 3  # config.yaml's sd4match.training.per_device_batch before "auto"
 
 
 @dataclass
@@ -344,6 +352,14 @@ def _methods(ctx: Context) -> tuple[str, ...]:
     return tuple(ctx.config["matching"]["methods"])
 
 
+def test_latents(ctx: Context, work: JobWork, arch: str, size: int, counts: SplitCounts) -> None:
+    """An evaluation's latents: sampled from the test split's cache (no image loaded, no VAE), or each
+    distinct image loaded and encoded in the job."""
+    if not ctx.code.eval_vae_cache:
+        work.gpu("vae", counts.images, ctx.meter.vae_encode(arch, size))
+        work.cpu("load images", counts.images, ctx.cpu.load_image_s(size))
+
+
 def per_image_sd_work(
     ctx: Context, work: JobWork, arch: str, size: int, counts: SplitCounts, ensemble: int, per_category: bool
 ) -> None:
@@ -352,11 +368,9 @@ def per_image_sd_work(
     distinct prompt (one per category when ``per_category``, else one for the job)."""
     meter = ctx.meter
     work.gpu("unet", counts.images * ensemble, meter.unet_truncated(arch, size))
-    if not ctx.code.eval_vae_cache:
-        work.gpu("vae", counts.images, meter.vae_encode(arch, size))
+    test_latents(ctx, work, arch, size, counts)
     distinct = counts.categories if per_category else 1
     work.gpu("text", distinct if ctx.code.text_dedup else counts.images, meter.text(arch))
-    work.cpu("load images", counts.images, ctx.cpu.load_image_s(size))
     ctx.score(work, counts.pairs, 1280, size // 16, _methods(ctx))
 
 
@@ -367,13 +381,11 @@ def cpm_pair_work(
     ``ensemble`` draws through the UNet, source and target prompts encoded, the CPM module per pair."""
     meter = ctx.meter
     work.gpu("unet", 2 * counts.pairs * ensemble, meter.unet_truncated(arch, size))
-    if not ctx.code.eval_vae_cache:
-        work.gpu("vae", counts.images, meter.vae_encode(arch, size))
+    test_latents(ctx, work, arch, size, counts)
     shared = (cpm or {}).get("condition", "pair") == "pair"
     prompts = counts.pairs if ctx.code.text_dedup and shared else 2 * counts.pairs
     work.gpu("text", prompts, meter.text(arch))
     work.gpu("cpm prompt", counts.pairs, meter.cpm_prompt(arch, cpm))
-    work.cpu("load images", counts.images, ctx.cpu.load_image_s(size))
     ctx.score(work, counts.pairs, 1280, size // 16, _methods(ctx))
 
 
@@ -455,6 +467,27 @@ def validations(steps: int, interval: int) -> int:
     return steps // interval + (1 if steps % interval else 0)
 
 
+def train_pairs_per_call(settings: Any, ctx: Context, arch: str, processes: int) -> int:
+    """Pairs per training forward/backward call: the configured number, or what ``auto`` chooses on the
+    projected GPU (``training_memory`` on the real architecture)."""
+    from sd4match import architectures as A
+    from sd4match import training_memory as M
+    from sd4match.training_job import AUTO
+
+    if settings.per_device_batch != AUTO:
+        return int(settings.per_device_batch)
+    if not ctx.code.train_batch_by_memory:
+        return PREVIOUS_PER_DEVICE_BATCH
+    unet = A.build_unet(arch)
+    weights = M.FP32_BYTES * sum(
+        A.parameter_count(m) for m in (unet, A.build_vae(arch), A.build_text_encoder(arch))
+    )
+    per_pair = 2 * M.activation_elements(unet.config, settings.image_size) * M.bytes_per_activation_element()
+    half = settings.precision != "fp32"
+    model = M.MemoryModel(weights, int(per_pair * (1 if half else 2)))
+    return M.choose_per_device_batch(settings.pairs_per_process(processes), model, PROJECTED_GPU_MEMORY)
+
+
 def train_work(job: DagJob, ctx: Context) -> JobWork:
     """``train_prompt``: steps x micro-batches (forward + backward), validation once per interval."""
     from sd4match.training import TrainSettings
@@ -463,7 +496,7 @@ def train_work(job: DagJob, ctx: Context) -> JobWork:
     cpm, meter, work = job.params["cpm"], ctx.meter, JobWork()
     arch, size = ctx.arch(ctx.config["sd4match"]["model"]), settings.image_size
     trainset = job.wildcards["trainset"]
-    pairs = settings.per_device_batch
+    pairs = train_pairs_per_call(settings, ctx, arch, max(1, job.gpu))
     chunks = settings.steps * settings.effective_batch // pairs  # authors_code: one chunk per step
     prompts = distinct_prompts(settings.variant, cpm, pairs) if ctx.code.train_text_dedup else 2 * pairs
     chunk_flops = meter.train_chunk(arch, size, settings.variant, cpm, pairs, prompts)
@@ -495,6 +528,18 @@ def latent_cache_work(job: DagJob, ctx: Context) -> JobWork:
     work, size = JobWork(), job.params["image_size"]
     images = ctx.counts.trnval_images(job.wildcards["dataset"])
     work.gpu("vae", images, ctx.meter.vae_encode(ctx.arch(ctx.config["sd4match"]["model"]), size))
+    work.cpu("load images", images, ctx.cpu.load_image_s(size))
+    return work
+
+
+def test_latent_cache_work(job: DagJob, ctx: Context) -> JobWork:
+    """``test_latent_cache``: one VAE posterior per distinct test image, each image loaded and encoded once
+    for every evaluation of the DAG (no such job before the cache: the evaluations encoded their images)."""
+    work, size = JobWork(), job.params["image_size"]
+    if not ctx.code.eval_vae_cache:
+        return work
+    images = ctx.counts.split(job.wildcards["dataset"], "test").images  # every test image, max_pairs or not
+    work.gpu("vae", images, ctx.meter.vae_encode(ctx.arch(job.wildcards["model"]), size))
     work.cpu("load images", images, ctx.cpu.load_image_s(size))
     return work
 
@@ -547,6 +592,7 @@ WORK_MODELS: dict[str, Callable[[DagJob, Context], JobWork]] = {
     "evaluate_prompt_timestep": prompt_eval_work,
     "train_prompt": train_work,
     "latent_cache": latent_cache_work,
+    "test_latent_cache": test_latent_cache_work,
     "dino_cache": dino_cache_work,
     "fig4": figure_work,
     "fig5": figure_work,

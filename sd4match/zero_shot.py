@@ -1,7 +1,13 @@
 """Zero-shot baselines computed by the DAG: DIFT (SD text prompt), DINO/DINOv2 (ViT), SD+DINO and SD+DINO*.
 
-One entry point, :func:`run_zero_shot`, dispatches on the method's ``kind`` so every baseline is scored by
-the same matching and PCK code as SD4Match.
+One entry point, :func:`run_zero_shot`, dispatches on the method's ``kind`` and ``protocol``:
+
+- ``squashed`` (default, every kind): this pipeline's (SD4Match's) protocol, the S x S squashed frame, every
+  matching method, ``d <= alpha * theta``;
+- ``original`` (kind sd): DIFT's own evaluation (``peer_protocols.OriginalFrameScorer``), original frame;
+- ``padded`` (kinds sd_dino, vit): sd-dino's own (``peer_protocols.PaddedFrameScorer``), padded square.
+
+The peers' protocols match by nearest neighbour only; their per-pair rows carry method ``nn``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,18 @@ from sd4match.prompts import TextPrompt
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+PROTOCOLS = {"sd": ("squashed", "original"), "vit": ("squashed", "padded"), "sd_dino": ("squashed", "padded")}
+
+
+def method_protocol(method: dict[str, Any]) -> str:
+    """The method's evaluation protocol (``squashed`` unless configured), checked against its kind."""
+    protocol = method.get("protocol", "squashed")
+    allowed = PROTOCOLS.get(method["kind"], ())
+    if protocol not in allowed:
+        raise ValueError(
+            f"zero-shot method of kind {method['kind']!r}: protocol {protocol!r} is not one of {allowed}"
+        )
+    return protocol
 
 
 def matching_settings(matching: dict[str, Any], alphas: list[float], image_size: int) -> MatchingSettings:
@@ -42,25 +60,47 @@ def matching_settings(matching: dict[str, Any], alphas: list[float], image_size:
     )
 
 
-def _sd_features(method, records, root, image_size, features, seed, device):
+def _sd_features(method, records, root, image_size, features, seed, device, pairs, latent_cache):
+    """DIFT's features: normalised maps of the S x S image (latents from the test split's cache,
+    ``latent_cache`` = (cache path or None, pairs table path)), or (protocol ``original``) DIFT's raw maps of
+    its own resize."""
+    from sd4match.evaluation import open_test_latents
     from sd4match.features import load_sd_featurizer
+    from sd4match.peer_protocols import dift_feature_fn
 
     featurizer = load_sd_featurizer(read_model_record(records["model"]).local_path, features, device)
     prompt = TextPrompt(method["prompt"], featurizer.text_encoder, featurizer.tokenizer)
+    if method_protocol(method) == "original":  # DIFT's own resize and a VAE sample per ensemble copy
+        return dift_feature_fn(
+            featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed
+        )
+    latents = open_test_latents(
+        latent_cache[0], records["model"], image_size, featurizer, pairs, latent_cache[1]
+    )
     return sd_text_prompt_features(
-        featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed
+        featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed, latents
     )
 
 
-def _vit_features(method, records, root, features, device):
-    from sd4match.baselines import vit_feature_fn
+def _vit_model(method, records, features, device):
     from sd4match.features import KernelSettings, enable_tf32
 
     loader = {"dino": load_dino, "dinov2": load_dinov2}[method["family"]]
     dtype = KernelSettings.from_config(features).weights_dtype(device)
     enable_tf32(device)
     model, _ = loader(read_model_record(records["model"]).local_path, device=device, dtype=dtype)
-    return vit_feature_fn(model, root, method["image_size"], device=device)
+    return model
+
+
+def _vit_scorer(model, method, alphas):
+    """sd-dino's padded-frame scorer of a ViT's strided patch grid."""
+    from sd4match.baselines import VitFacet, patch_size, vit_grid_side
+    from sd4match.peer_protocols import PaddedFrameScorer, PatchGrid
+
+    size, stride = method["image_size"], VitFacet.from_method(method).stride
+    patch = patch_size(model)
+    grid = PatchGrid(size, vit_grid_side(model, size, stride), stride or patch, patch)
+    return PaddedFrameScorer(size, tuple(alphas), grid)
 
 
 def _sd_dino_featurizer(method, records, captioner_path, captioner_cfg, features, seed, device):
@@ -85,6 +125,7 @@ def _sd_dino_featurizer(method, records, captioner_path, captioner_cfg, features
     dino = None
     if method.get("dino_model"):
         dino, _ = load_dinov2(read_model_record(records["dino_model"]).local_path, device=device)
+    noise_seed = method.get("noise_seed")
     featurizer = SDDinoFeaturizer(
         components,
         conditioning,
@@ -93,10 +134,11 @@ def _sd_dino_featurizer(method, records, captioner_path, captioner_cfg, features
         timestep=method["timestep"],
         ensemble=method["ensemble"],
         dino_image_size=method["dino_image_size"],
-        seed=seed,
+        seed=seed if noise_seed is None else noise_seed,
         device=device,
         autocast_dtype=AUTOCAST[features["precision"]] if device.startswith("cuda") else None,
         max_batch=features["max_unet_batch"],
+        preprocess="pad" if method_protocol(method) == "padded" else "squash",
     )
     return featurizer
 
@@ -117,18 +159,42 @@ def run_zero_shot(
     summary_out: str | Path,
     captioner_path: str | Path | None = None,
     captioner_cfg: dict[str, Any] | None = None,
+    latent_cache_path: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Evaluate one zero-shot method on one test set; ``records`` maps model roles to model-record files."""
+    """Evaluate one zero-shot method on one test set (its ``protocol``, module docstring); ``records`` maps
+    model roles to model-record files. ``latent_cache_path`` (DIFT in the squashed frame): the test split's
+    latent cache, read instead of running the VAE."""
+    from sd4match.frames import evaluate_with_scorer
+    from sd4match.peer_protocols import PEER_METHODS, OriginalFrameScorer, PaddedFrameScorer
+
     pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
     root = read_location(location_path).root
     settings = matching_settings(matching, alphas, image_size)
+    protocol = method_protocol(method)
+    if protocol != "squashed":
+        log.info("protocol %s matches by %s only (the config's matching methods do not apply)", protocol,
+                 PEER_METHODS)  # fmt: skip
     log.info("zero-shot %s on %s: %d pairs", method, pairs_path, len(pairs))
     if method["kind"] == "sd":
-        feature_fn = _sd_features(method, records, root, image_size, features, seed, device)
-        per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
+        feature_fn = _sd_features(
+            method, records, root, image_size, features, seed, device, pairs, (latent_cache_path, pairs_path)
+        )
+        if protocol == "original":
+            per_pair = evaluate_with_scorer(pairs, feature_fn, OriginalFrameScorer(tuple(alphas)), device)
+        else:
+            per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
     elif method["kind"] == "vit":
-        feature_fn = _vit_features(method, records, root, features, device)
-        per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
+        from sd4match.baselines import VitFacet, vit_feature_fn
+
+        model = _vit_model(method, records, features, device)
+        padded = protocol == "padded"
+        feature_fn = vit_feature_fn(
+            model, root, method["image_size"], device=device, facet=VitFacet.from_method(method), pad=padded
+        )
+        if padded:
+            per_pair = evaluate_with_scorer(pairs, feature_fn, _vit_scorer(model, method, alphas), device)
+        else:
+            per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device)
     elif method["kind"] == "sd_dino":
         from sd4match.baselines import evaluate_sd_dino
 
@@ -139,7 +205,11 @@ def run_zero_shot(
         featurizer = _sd_dino_featurizer(
             method, records, captioner_path, captioner_cfg, features, seed, device
         )
-        per_pair = evaluate_sd_dino(pairs, featurizer, settings, root)  # networks once per distinct image
+        scorer = None
+        if protocol == "padded":  # keypoints in DINO's padded square, as sd-dino
+            scorer = PaddedFrameScorer(method["dino_image_size"], tuple(alphas))
+        # the networks run once per distinct image; the co-PCA and the scoring per pair
+        per_pair = evaluate_sd_dino(pairs, featurizer, settings, root, scorer=scorer)
     else:
         raise ValueError(f"zero-shot method kind {method['kind']!r} is unknown (sd, vit, sd_dino)")
     write_table_atomic(per_pair, per_pair_out)

@@ -28,7 +28,17 @@ FLAGS = (
     "--disable-dev-shm-usage",
     "--virtual-time-budget=20000",  # let the report's scripts run before the DOM is taken
 )
-LABEL_COLUMNS = {"group", "method", "matching", "source", "pck", "trained_on", "citation", "best_in_group"}
+LABEL_COLUMNS = {
+    "group",
+    "method",
+    "matching",
+    "source",
+    "pck",
+    "protocol",
+    "trained_on",
+    "citation",
+    "best_in_group",
+}
 
 
 def chromium() -> str | None:

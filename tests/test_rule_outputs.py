@@ -45,14 +45,14 @@ def test_every_file_the_rules_write_is_cleaned_with_their_outputs(tmp_path: Path
     results = tmp_path / "results/demo"
     written = own_files(results)
     for expected in (
-        "prompts/spair/cpm/prompt.safetensors.json",
+        "prompts/spair/cpm/seed0/prompt.safetensors.json",
         "cache/latents/spair_trnval.safetensors.json",
         "cache/dinov2/spair_test.safetensors.json",
         "figures/fig4.png.provenance.json",
         "tables/fig3a.csv.provenance.json",
     ):
         assert expected in written
-    prompt = results / "prompts/spair/cpm/prompt.safetensors"
+    prompt = results / "prompts/spair/cpm/seed0/prompt.safetensors"
     cache = results / "cache/latents/spair_trnval.safetensors"
     before = {path: path.read_bytes() for path in (prompt, Path(f"{prompt}.json"), cache)}
     target = str(prompt.relative_to(tmp_path))

@@ -9,7 +9,7 @@ import re
 import runpy
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -179,8 +179,8 @@ def test_model_selection_defaults_are_the_authors() -> None:
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
     training_config = config["sd4match"]["training"]
     assert TrainSettings.from_dict({**training_config, "variant": "cpm"}, "config.yaml") == replace(
-        settings, steps=30000, checkpoint_every=500, log_every=50
-    )
+        settings, steps=30000, checkpoint_every=500, log_every=50, per_device_batch="auto"
+    )  # the config lets the device choose the pairs per call (the result does not depend on it)
 
 
 def test_batch_semantics_authors_code_is_rank_0_of_the_authors_run() -> None:
@@ -793,3 +793,26 @@ def test_snakemake_adapter_builds_the_job_and_trains(world: dict, tmp_path: Path
     assert meta["config_hash"] == "abc123" and meta["steps_done"] == 2
     assert pd.read_csv(out / "curve.csv")["step"].tolist() == [1, 2]
     assert "SD4Match-cpm: 4 training pairs" in (tmp_path / "train.log").read_text()
+
+
+def test_authors_code_needs_a_number_and_keeps_it_in_the_run_identity() -> None:
+    """Under authors_code per_device_batch *is* the effective batch: 'auto' is refused, and a changed value
+    changes the run's identity (under the paper semantics it only trades memory for time)."""
+    from sd4match.training_state import training_identity
+
+    with pytest.raises(
+        ValueError, match=r"per_device_batch must be a number with batch_semantics 'authors_code'"
+    ):
+        TrainSettings(variant="single", batch_semantics="authors_code", per_device_batch="auto")
+    ids = {
+        (semantics, pdb): training_identity(
+            asdict(TrainSettings(variant="single", batch_semantics=semantics, per_device_batch=pdb)),
+            None,
+            None,
+            {},
+        )
+        for semantics in ("paper", "authors_code")
+        for pdb in (1, 3)
+    }
+    assert ids[("paper", 1)] == ids[("paper", 3)]
+    assert ids[("authors_code", 1)] != ids[("authors_code", 3)]

@@ -64,9 +64,12 @@ PAPER_JOBS = {
     # their evaluations (evaluate_released_prompt) join the DAG once it has run
     "import_released_prompts": 1,
     # DIFT x3, DIFT-empty, DINO x3, DINOv2 x3, SD+DINO x3, SD+DINO* x3 (Table 1), DIFT at 10 t (Fig. 3b):
-    # Fig. 3b's DIFT point at t=261 is the main DIFT SPair job (same method, prompt, ensemble, seed), reused
-    "evaluate_zero_shot": 26,
+    # Fig. 3b's DIFT point at t=261 is the main DIFT SPair job (same method, prompt, ensemble, seed), reused;
+    # issue 10: + DIFT by its own protocol x3 (dift_orig) + SD+DINO in the 768 frame x3 (sddino_squashed)
+    "evaluate_zero_shot": 26 + 6,
     "latent_cache": 2,  # SPair, PF-Pascal (trn + val images)
+    # VAE posteriors of the three test splits under SD 2-1: every SD4Match and DIFT evaluation reads them
+    "test_latent_cache": 3,
     "dino_cache": 5,  # trn+val of the two training sets, test of the three test sets (CPM)
     "train_prompt": 10,  # SPair: Single, Class, CPM + 5 Fig. 3a cases; PF-Pascal: Single, CPM
     "evaluate_prompt": 18,  # 4 runs x 3 test sets + Class on SPair + 5 ablations on SPair
@@ -99,7 +102,7 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     # (50, 261: SD4Match's t=50 and DIFT's t=261 points are the main evaluations, so one job of each sweep
     # runs); it trains spair/single with a second seed (seeds_per_run), evaluated on the three test sets;
     # it packs its own release of the authors' prompts (demo_released_prompts) for Tables 2 and 3
-    demo = PAPER_JOBS | {"evaluate_zero_shot": 26 - 9, "evaluate_prompt_timestep": 1}
+    demo = PAPER_JOBS | {"evaluate_zero_shot": 32 - 9, "evaluate_prompt_timestep": 1}
     demo |= {"train_prompt": 10 + 1, "evaluate_prompt": 18 + 3}
     demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1, "demo_released_prompts": 1}
     assert counts == demo | {"total": sum(demo.values())}
@@ -113,8 +116,9 @@ def test_one_target_plans_only_its_jobs(empty_workdir: Path):
         "fetch_dataset": 1,
         "resolve_model": 1,
         "pairs_table": 1,
+        "test_latent_cache": 1,  # DIFT reads PF-Willow's test latents
         "evaluate_zero_shot": 1,
-        "total": 4,
+        "total": 5,
     }
 
 
@@ -130,9 +134,10 @@ def test_one_training_run_plans_only_its_jobs(empty_workdir: Path):
         "resolve_model": 1,
         "pairs_table": 3,
         "latent_cache": 1,
+        "test_latent_cache": 1,  # the evaluation reads PF-Willow's test latents
         "train_prompt": 1,
         "evaluate_prompt": 1,
-        "total": 9,
+        "total": 10,
     }
 
 
@@ -143,11 +148,12 @@ def test_one_ablation_target_plans_only_its_jobs(empty_workdir: Path):
         "resolve_model": 2,
         "pairs_table": 3,
         "latent_cache": 1,
+        "test_latent_cache": 1,  # the evaluation reads SPair's test latents
         "dino_cache": 2,
         "train_prompt": 1,
         "evaluate_prompt": 1,
         "ablation_cpm_no_gn": 1,
-        "total": 12,
+        "total": 13,
     }
 
 
@@ -427,8 +433,9 @@ def test_demo_profile_settings_are_what_runs(project_copy: Path, monkeypatch: py
 DEMO_CONFIGS = ("config.yaml", "profiles/demo/world.yaml")
 MODEL_NAMES = {"sd21", "sd15", "dinov2", "dino", "clip_vision"}
 GPU_RULES = {
-    "latent_cache", "dino_cache", "train_prompt", "evaluate_prompt", "evaluate_prompt_timestep",
-    "evaluate_zero_shot", "fig4", "fig5", "qualitative", "evaluate_released_prompt",
+    "latent_cache", "test_latent_cache", "dino_cache", "train_prompt", "evaluate_prompt",
+    "evaluate_prompt_timestep", "evaluate_zero_shot", "fig4", "fig5", "qualitative",
+    "evaluate_released_prompt",
 }  # fmt: skip
 LOCAL_RULES = {
     "all", "tables", "figures", "demo_datasets", "tiny_model", "tiny_captioner", "fetch_dataset",
@@ -472,7 +479,9 @@ def test_slurm_profile_places_gpu_cpu_and_local_rules(project_copy: Path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     jobs = planned_jobs(out)
-    assert {job["rule"] for job in jobs} >= GPU_RULES | {"pairs_table", "fetch_dataset", "table2"}
+    # released-prompt evaluations are planned after the import checkpoint has run, not in a dry run
+    planned = GPU_RULES - {"evaluate_released_prompt"}
+    assert {job["rule"] for job in jobs} >= planned | {"pairs_table", "fetch_dataset", "table2"}
     for job in jobs:
         res, rule = job["resources"], job["rule"]
         if rule in LOCAL_RULES:
@@ -599,8 +608,15 @@ def test_demo_dag_runs_end_to_end(demo_project: Path):
     table2 = pd.read_csv(out / "tables/table2.csv")
     assert {"ours", "paper", "delta", "quoted"} <= set(table2["source"])
     ours = table2[table2["source"] == "ours"]
-    assert list(ours["method"]) == ["DINO", "DINOv2", "DIFT", "SD+DINO", "SD4Match-Single", "SD4Match-Class",
-                                    "SD4Match-CPM"]  # fmt: skip
+    # issue 10: DIFT and SD+DINO by their own protocols beside the paper's numbers, then in the 768 frame
+    assert list(ours["method"]) == ["DINO", "DINOv2", "DIFT", "SD+DINO", "DIFT", "SD+DINO", "SD4Match-Single",
+                                    "SD4Match-Class", "SD4Match-CPM"]  # fmt: skip
+    assert list(ours["protocol"]) == [
+        "squashed frame", "squashed frame", "original frame (DIFT's eval)", "padded 112×112 (sd-dino's eval)",
+        *["squashed frame"] * 5,
+    ]  # fmt: skip
+    # a delta for each zero-shot peer by its own protocol and each SD4Match variant; the 768 rows get none
+    assert (table2["source"] == "delta").sum() == 4 + 3
     assert not table2["method"].str.contains(r"\((?:nn|kernel_softmax|soft_argmax)\)").any()
     # issue 12: every number with its interval, the two seeds of spair/single, the authors' released prompts
     assert ours["All_lo"].notna().all() and (ours["All_lo"] <= ours["All"] + 1e-9).all()
@@ -665,7 +681,7 @@ def test_demo_dag_runs_end_to_end(demo_project: Path):
         "train/spair_single_seed1.log",
     ):
         assert (demo_project / "logs/demo" / log).exists(), log
-    assert (demo_project / "benchmarks/demo/train/spair_cpm.tsv").exists()
+    assert (demo_project / "benchmarks/demo/train/spair_cpm_seed0.tsv").exists()
     assert not (demo_project / "logs/paper").exists() and not (demo_project / "benchmarks/paper").exists()
     records = [r for r in (demo_project / "resources/demo/models").glob("*.json") if r.stem in MODEL_NAMES]
     assert records and all(not str(json_field(r, "local_path")).startswith("/") for r in records)

@@ -24,4 +24,5 @@ with log_to(snakemake.log[0]), allocate_gpus(snakemake.resources.gpu) as lease: 
         device=device_for(lease),
         per_pair_out=snakemake.output.per_pair,  # noqa: F821
         summary_out=snakemake.output.summary,  # noqa: F821
+        latent_cache_path=inp.get("latent_cache"),  # the test split's VAE posteriors
     )

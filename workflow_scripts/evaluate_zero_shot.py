@@ -27,4 +27,5 @@ with log_to(snakemake.log[0]), allocate_gpus(snakemake.resources.gpu) as lease: 
         summary_out=snakemake.output.summary,  # noqa: F821
         captioner_path=json.loads(open(captioner).read())["path"] if captioner else None,
         captioner_cfg=p.captioner,
+        latent_cache_path=inp.get("latent_cache"),  # DIFT: the test split's VAE posteriors
     )

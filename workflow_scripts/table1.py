@@ -11,7 +11,7 @@ with log_to(snakemake.log[0]):  # noqa: F821
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
     settings = BootstrapSettings()
     cells = {key: read_evaluation(path, settings, [p.matching], [0.1]) for key, path in p.cells.items()}
-    table = table1(cells, matching=p.matching)
+    table = table1(cells, matching=p.matching, protocols=p.protocols)
     prov = build_provenance(record_paths=i.models, **p.provenance)
     write_table(
         table,

@@ -21,12 +21,15 @@ with log_to(snakemake.log[0]):  # noqa: F821
         intervals=settings,
         seeds=p.seeds,
         released=released,
+        zero_shot_protocols=p.zero_shot_protocols,
     )
     prov = build_provenance(record_paths=i.models, **p.provenance)
     notes = table_notes(i.pairs, settings, p.max_pairs)
     title = "Table 2 — SPair-71k PCK@0.1 per category"
     write_table(table, o.csv, o.md, title, prov, html_path=o.html, caption_path=o.caption, notes=notes)
-    comparisons = table2_comparisons(p.zero_shot, p.sd4match, p.variants, p.matching, p.zero_shot_matching)
+    comparisons = table2_comparisons(
+        p.zero_shot, p.sd4match, p.variants, p.matching, p.zero_shot_matching, p.zero_shot_protocols
+    )
     write_table(
         paired_table(comparisons, settings),
         o.paired_csv,

@@ -23,6 +23,7 @@ with log_to(snakemake.log[0]):  # noqa: F821
         intervals=settings,
         seeds=p.seeds,
         released=released,
+        zero_shot_protocols=p.zero_shot_protocols,
     )
     prov = build_provenance(record_paths=i.models, **p.provenance)
     write_table(

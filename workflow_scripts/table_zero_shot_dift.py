@@ -1,8 +1,9 @@
-"""Snakemake adapter: the zero-shot DIFT table (paper layout, paper numbers, deltas, intervals)."""
+"""Snakemake adapter: the zero-shot DIFT table (paper layout, paper numbers, deltas, protocol per row,
+intervals)."""
 
 from sd4match.logs import log_to
 from sd4match.provenance import build_provenance
-from sd4match.reporting import write_table, zero_shot_table
+from sd4match.reporting import write_table, zero_shot_dift_table
 from sd4match.table_cells import read_evaluation
 from sd4match.uncertainty import BootstrapSettings
 from sd4match.uncertainty_tables import table_notes
@@ -11,13 +12,11 @@ with log_to(snakemake.log[0]):  # noqa: F821
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
     settings = BootstrapSettings()
     summaries = {
-        dataset: read_evaluation(path, settings)
-        for dataset, path in zip(p.datasets, i.summaries, strict=True)
+        method: {dataset: read_evaluation(path, settings) for dataset, path in paths.items()}
+        for method, paths in p.summaries.items()
     }
     others = tuple(m for m in p.matching["methods"] if m != p.reported)
-    table = zero_shot_table(
-        summaries, "DIFT", p.reported, paper_row="DIFT", per_keypoint=True, other_matchings=others
-    )
+    table = zero_shot_dift_table(summaries, p.protocols, p.reported, others)
     prov = build_provenance(record_paths=i.models, **p.provenance)
     write_table(
         table,
