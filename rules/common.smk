@@ -484,6 +484,7 @@ def variants_of(trainsets):
 REPORT_GROUPS = {
     "table1": ("Tables", "Table 1: prompt types"),
     "table2": ("Tables", "Table 2: SPair-71k per category"),
+    "paired": ("Tables", "Table 2: paired differences"),
     "table3": ("Tables", "Table 3: generalisation"),
     "zero_shot_dift": ("Tables", "Zero-shot DIFT"),
     "fig3a": ("Ablations", "Fig. 3a: CPM conditioning"),
@@ -520,7 +521,7 @@ def report_figure(name, ext):
     return _report(f"{OUT}/figures/{name}.{ext}", name, f"figure ({ext.upper()})")
 
 
-TABLES = ["table1", "table2", "table3", "zero_shot_dift", "fig3a", "fig3b"]
+TABLES = ["table1", "table2", "paired", "table3", "zero_shot_dift", "fig3a", "fig3b"]
 FIGURES = ["fig3a", "fig3b", "fig4", "fig5", "qualitative"]
 
 
@@ -681,3 +682,56 @@ def released_eval_inputs(wildcards):
         inputs["dino_cache"] = dino_cache(wildcards.dataset, "test")
         inputs["dinov2_model"] = model_record(SD4["dino_model"])
     return inputs
+
+
+# What the tables' uncertainty is computed from (issue 12): the per-pair CSV beside each summary they print
+# (bootstrap intervals, paired differences), every seed's summary (spread across seeds), the pairs tables'
+# reports (pairs evaluated), and the authors' released prompts' evaluations (their rows in Tables 2 and 3).
+
+
+def pairs_report(dataset, split="test"):
+    """The report a pairs_table job writes beside its parquet: pairs kept and skipped, for table captions."""
+    return f"{OUT}/pairs/{dataset}_{split}.report.json"
+
+
+def per_pair_of(summary):
+    """The per-pair CSV beside an evaluation's summary.csv (every evaluation rule writes both)."""
+    return str(Path(summary).with_name("per_pair.csv"))
+
+
+def per_pairs_of(summaries):
+    return [per_pair_of(summary) for summary in summaries]
+
+
+def released_on(trainsets, datasets, every_test_set=False):
+    """An input function: the released-prompt summaries of prompts tuned on ``trainsets``, on ``datasets``
+    (``every_test_set``: only prompts evaluated on all the test sets, Table 3's rows). It reads the import
+    checkpoint, so a dry run plans the import first and these evaluations after it."""
+
+    def summaries(wildcards=None):
+        return [
+            released_summary(trainset, variant, dataset)
+            for trainset, variant in released_runs()
+            if trainset in trainsets
+            and (
+                not every_test_set
+                or released_eval_datasets(trainset, variant) == TEST_DATASETS
+            )
+            for dataset in released_eval_datasets(trainset, variant)
+            if dataset in datasets
+        ]
+
+    return summaries
+
+
+def per_pairs_on(summaries_function):
+    """An input function: the per-pair CSVs of another input function's summaries."""
+    return lambda wildcards: per_pairs_of(summaries_function(wildcards))
+
+
+def timestep_per_pairs():
+    """Fig. 3b: the per-pair CSVs of the primary seed's sweep and of the baseline at every timestep."""
+    return per_pairs_of(
+        [timestep_summary(t) for t in FIG3B["timesteps"]]
+        + [timestep_baseline_summary(t) for t in FIG3B["timesteps"]]
+    )

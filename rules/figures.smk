@@ -8,6 +8,8 @@ rule fig3a:
             for seeds in fig3a_seed_summaries().values()
             for path in seeds.values()
         ],
+        per_pair=per_pairs_of(fig3a_summaries().values()),  # intervals, each case vs case 1
+        pairs=[pairs_report(FIG3A["trainset"])],
         models=[model_record(SD4["model"]), model_record(SD4["dino_model"])],
     output:
         png=report_figure("fig3a", "png"),
@@ -28,7 +30,9 @@ rule fig3a:
         runtime=10,
     params:
         summary_paths=fig3a_summaries(),
+        seed_paths=fig3a_seed_summaries(),
         matching=config["matching"]["reported"],
+        max_pairs=config["evaluation"]["max_pairs"],
         provenance=provenance(
             "fig3a",
             "matching.reported",
@@ -48,6 +52,8 @@ rule fig3b:
             for path in timestep_seed_summaries(t).values()
         ],
         baseline=[timestep_baseline_summary(t) for t in FIG3B["timesteps"]],
+        per_pair=timestep_per_pairs(),  # the interval of every point
+        pairs=[pairs_report("spair")],
         models=[model_record(SD4["model"]), model_record(SD4["dino_model"])],
     output:
         png=report_figure("fig3b", "png"),
@@ -68,7 +74,9 @@ rule fig3b:
         runtime=10,
     params:
         sd4match={t: timestep_summary(t) for t in FIG3B["timesteps"]},
+        seeds={t: timestep_seed_summaries(t) for t in FIG3B["timesteps"]},
         baseline={t: timestep_baseline_summary(t) for t in FIG3B["timesteps"]},
+        max_pairs=config["evaluation"]["max_pairs"],
         labels=(f"SD4Match ({FIG3B['variant']})", f"{FIG3B['baseline']} (zero-shot)"),
         # each curve scored as its tables score it: DIFT by nearest neighbour (Tables 1-3)
         matching={

@@ -51,7 +51,9 @@ rule released_prompts:
 rule released_table:
     input:
         summaries=released_summaries,
+        per_pair=per_pairs_on(released_summaries),
         report=released_import_report(),
+        pairs=[pairs_report(d) for d in TEST_DATASETS],
         models=[model_record(SD4["model"]), model_record(SD4["dino_model"])],
     output:
         table3_csv=f"{OUT}/tables/released_table3.csv",
@@ -68,6 +70,7 @@ rule released_table:
         runtime=10,
     params:
         matching=config["matching"]["reported"],
+        max_pairs=config["evaluation"]["max_pairs"],
         provenance=provenance(
             "matching.reported",
             "released_prompts",

@@ -1,7 +1,11 @@
 """Tables in the paper's layout, with the paper's numbers beside ours, deltas and provenance.
 
 Each table is written as CSV (numbers), Markdown and HTML (ours / paper / delta, viewable in
-`snakemake --report`), plus an RST caption with the protocol and the model revisions used.
+`snakemake --report`), plus an RST caption with the protocol and the model revisions used. Every PCK carries
+its bootstrap interval over pairs, computed in the table job from the per-pair CSVs beside the summaries
+(seconds per file, no GPU); runs with several seeds add their spread; the caption lines say how many pairs
+were evaluated (the pairs tables' reports). Tables 2 and 3 also show the authors' released prompts, whose
+evaluations follow the import checkpoint (rules/released.smk).
 """
 
 
@@ -10,6 +14,10 @@ rule table_zero_shot_dift:
         summaries=[
             zero_shot_summary(m, d) for m in ZERO_SHOT_DIFT for d in TEST_DATASETS
         ],
+        per_pair=per_pairs_of(
+            [zero_shot_summary(m, d) for m in ZERO_SHOT_DIFT for d in TEST_DATASETS]
+        ),
+        pairs=[pairs_report(d) for d in TEST_DATASETS],
         models=sorted({model_record(ZS[m]["model"]) for m in ZERO_SHOT_DIFT}),
     output:
         csv=f"{OUT}/tables/zero_shot_dift.csv",
@@ -33,6 +41,7 @@ rule table_zero_shot_dift:
         protocols=zero_shot_row_protocols(ZERO_SHOT_DIFT),
         matching=EVAL_MATCHING,
         reported=config["zero_shot_matching"],
+        max_pairs=config["evaluation"]["max_pairs"],
         provenance=provenance(
             "zero_shot_matching",
             models=sorted({ZS[m]["model"] for m in ZERO_SHOT_DIFT}),
@@ -46,6 +55,8 @@ rule table_zero_shot_dift:
 rule table1:
     input:
         summaries=[zero_shot_summary(m, "spair") for m in TABLE1_ZERO_SHOT],
+        per_pair=per_pairs_of([zero_shot_summary(m, "spair") for m in TABLE1_ZERO_SHOT]),
+        pairs=[pairs_report("spair")],
         models=[model_record(m) for m in ("sd21", "sd15", CAPTIONER["clip_model"])],
     output:
         csv=f"{OUT}/tables/table1.csv",
@@ -64,6 +75,7 @@ rule table1:
         cells={key: zero_shot_summary(m, "spair") for key, m in TABLE1_CELLS.items()},
         protocols=zero_shot_row_protocols(TABLE1_CELLS),
         matching=config["zero_shot_matching"],
+        max_pairs=config["evaluation"]["max_pairs"],
         provenance=provenance(
             "zero_shot_matching",
             "implicit_captioner",
@@ -78,17 +90,28 @@ rule table1:
 rule table2:
     input:
         zero_shot=[zero_shot_summary(m, "spair") for m in TABLE2_ZERO_SHOT],
-        sd4match=[  # every seed; params name the primary seeds
+        sd4match=[  # every seed (their spread); params name the primary seeds
             path
             for v in variants_of(["spair"])
             for path in sd4match_seed_summaries("spair", v, "spair").values()
         ],
+        per_pair=per_pairs_of(
+            [zero_shot_summary(m, "spair") for m in TABLE2_ZERO_SHOT]
+            + [sd4match_summary("spair", v, "spair") for v in variants_of(["spair"])]
+        ),
+        released=released_on(["spair"], ["spair"]),
+        released_per_pair=per_pairs_on(released_on(["spair"], ["spair"])),
+        pairs=[pairs_report("spair")],
         models=[model_record(m) for m in ALL_MODELS],
     output:
         csv=f"{OUT}/tables/table2.csv",
         md=f"{OUT}/tables/table2.md",
         html=report_table("table2"),
         caption=report_caption("table2"),
+        paired_csv=f"{OUT}/tables/paired.csv",
+        paired_md=f"{OUT}/tables/paired.md",
+        paired_html=report_table("paired"),
+        paired_caption=report_caption("paired"),
     log:
         log_path("report/table2.log"),
     conda:
@@ -103,14 +126,20 @@ rule table2:
         sd4match={
             v: sd4match_summary("spair", v, "spair") for v in variants_of(["spair"])
         },
+        seeds={
+            v: sd4match_seed_summaries("spair", v, "spair")
+            for v in variants_of(["spair"])
+        },
         variants={v: SD4["variants"][v] for v in variants_of(["spair"])},
         matching=config["matching"]["reported"],
         zero_shot_matching=config["zero_shot_matching"],
+        max_pairs=config["evaluation"]["max_pairs"],
         provenance=provenance(
             "zero_shot_matching",
             "matching.reported",
             "implicit_captioner",
             "sd4match.train_sets.spair",
+            "released_prompts",
             models=ALL_MODELS,
             datasets=["spair"],
             variants=variants_of(["spair"]),
@@ -123,7 +152,20 @@ rule table2:
 rule table3:
     input:
         zero_shot=list(zero_shot_summaries(TABLE2_ZERO_SHOT).values()),
-        sd4match=sd4match_summaries(),
+        sd4match=sd4match_summaries(),  # every seed (their spread)
+        per_pair=per_pairs_of(
+            list(zero_shot_summaries(TABLE2_ZERO_SHOT).values())
+            + [
+                sd4match_summary(t, v, d)
+                for t, v in train_runs()
+                for d in eval_datasets(t, v)
+            ]
+        ),
+        released=released_on(RELEASED_SETS, TEST_DATASETS, every_test_set=True),
+        released_per_pair=per_pairs_on(
+            released_on(RELEASED_SETS, TEST_DATASETS, every_test_set=True)
+        ),
+        pairs=[pairs_report(d) for d in TEST_DATASETS],
         models=[model_record(m) for m in ALL_MODELS],
     output:
         csv=f"{OUT}/tables/table3.csv",
@@ -151,14 +193,21 @@ rule table3:
             for t, v in train_runs()
             for d in eval_datasets(t, v)
         },
+        seeds={
+            f"{t}/{v}/{d}": sd4match_seed_summaries(t, v, d)
+            for t, v in train_runs()
+            for d in eval_datasets(t, v)
+        },
         variants={v: SD4["variants"][v] for v in variants_of(TRAIN_SETS)},
         matching=config["matching"]["reported"],
         zero_shot_matching=config["zero_shot_matching"],
+        max_pairs=config["evaluation"]["max_pairs"],
         provenance=provenance(
             "zero_shot_matching",
             "matching.reported",
             "implicit_captioner",
             "sd4match.train_sets",
+            "released_prompts",
             models=ALL_MODELS,
             datasets=TEST_DATASETS,
             variants=variants_of(TRAIN_SETS),

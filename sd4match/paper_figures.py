@@ -8,6 +8,7 @@ checked against the model records the figure uses before any work (``evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,16 @@ def make_fig3a(
     md: str,
     matching: str,
     prov: Provenance,
+    annotate: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+    notes: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Fig. 3a: PCK@0.1 on SPair-71k of the six CPM conditioning cases, ours beside the paper's."""
+    """Fig. 3a: PCK@0.1 on SPair-71k of the six CPM conditioning cases, ours beside the paper's.
+    ``annotate`` adds columns to the written table (intervals, paired differences); ``notes`` go under it."""
     summaries = {int(case): pd.read_csv(path) for case, path in summary_paths.items()}
     table = fig3a_cpm_ablation(summaries, png, pdf, prov.demo, matching)
-    write_table(table, csv, md, title="Fig. 3a — CPM conditioning ablation, SPair-71k PCK@0.1", prov=prov)
+    table = table if annotate is None else annotate(table)
+    title = "Fig. 3a — CPM conditioning ablation, SPair-71k PCK@0.1"
+    write_table(table, csv, md, title=title, prov=prov, notes=notes)
     _sidecar(png, prov, "fig3a")
     return table
 
@@ -82,6 +88,8 @@ def make_fig3b(
     csv: str,
     md: str,
     prov: Provenance,
+    annotate: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+    notes: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Fig. 3b: PCK@0.1 on SPair-71k over the timestep grid, SD4Match vs the DIFT baseline.
 
@@ -95,7 +103,8 @@ def make_fig3b(
     summaries |= {(labels[1], int(t)): pd.read_csv(p) for t, p in baseline_paths.items()}
     rows = timestep_rows(summaries, matchings)
     table = fig3b_timesteps(rows, png, pdf, prov.demo)
-    write_table(table, csv, md, title="Fig. 3b — PCK@0.1 on SPair-71k by timestep", prov=prov)
+    table = table if annotate is None else annotate(table)  # intervals, seed spread (as make_fig3a)
+    write_table(table, csv, md, title="Fig. 3b — PCK@0.1 on SPair-71k by timestep", prov=prov, notes=notes)
     _sidecar(png, prov, "fig3b")
     return table
 

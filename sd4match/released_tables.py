@@ -1,7 +1,10 @@
 """Tables of the authors' released prompts evaluated by our pipeline, beside the paper's numbers.
 
 Built from the existing reporting functions: the Table 3 layout over the three test sets and the Table 2
-layout per SPair-71k category, each prompt's rows beside the paper's row of the same variant and training set.
+layout per SPair-71k category, each prompt's rows beside the paper's row of the same variant and training
+set, with the bootstrap interval of every number when the summaries are read with one
+(``read_released_summaries``).
+The full Tables 2 and 3 show the same prompts as ``released`` rows (``released_for_tables``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from sd4match.reporting import (
     per_category_table,
     zero_shot_table,
 )
+from sd4match.table_cells import read_evaluation
+from sd4match.uncertainty import BootstrapSettings
 
 SummaryMap = dict[tuple[str, str], dict[str, pd.DataFrame]]
 TABLE2_ALPHA = 0.1
@@ -45,13 +50,31 @@ def summary_key(path: str | os.PathLike[str]) -> tuple[str, str, str]:
     return trainset, variant, dataset
 
 
-def read_released_summaries(paths: Iterable[str | os.PathLike[str]]) -> SummaryMap:
-    """Summary frames keyed by (training set, variant), then test set."""
+def read_released_summaries(
+    paths: Iterable[str | os.PathLike[str]],
+    intervals: BootstrapSettings | None = None,
+    matching: str | None = None,
+) -> SummaryMap:
+    """Summary frames keyed by (training set, variant), then test set; with ``intervals``, plus the bounds
+    of the ``matching`` cells from the per-pair CSV beside each summary."""
     summaries: SummaryMap = {}
+    methods = None if matching is None else [matching]
     for path in paths:
         trainset, variant, dataset = summary_key(path)
-        summaries.setdefault((trainset, variant), {})[dataset] = pd.read_csv(path)
+        summaries.setdefault((trainset, variant), {})[dataset] = read_evaluation(path, intervals, methods)
     return summaries
+
+
+def released_for_tables(paths: Iterable[str | os.PathLike[str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """The released evaluations as the full tables take them: Table 2's (prompts tuned on SPair-71k,
+    evaluated on it: variant -> summary) and Table 3's (``<trainset>/<variant>/<dataset>`` -> summary)."""
+    table2, table3 = {}, {}
+    for path in paths:
+        trainset, variant, dataset = summary_key(path)
+        table3[f"{trainset}/{variant}/{dataset}"] = str(path)
+        if trainset == dataset == "spair":
+            table2[variant] = str(path)
+    return table2, table3
 
 
 def released_table3(

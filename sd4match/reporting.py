@@ -15,7 +15,7 @@ import importlib.resources
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,21 @@ import pandas as pd
 import yaml
 
 from sd4match.io import write_json_atomic, write_table_atomic, write_text_atomic
+from sd4match.table_cells import (
+    INSIDE_MARK,
+    N_SEEDS,
+    SEEDS_SOURCE,
+    arranged_columns,
+    bound_cells,
+    cell_text,
+    companion_notes,
+    delta_cells,
+    hidden_columns,
+    n_seeds,
+    read_evaluation,
+    read_seed_spread,
+    seed_cells,
+)
 from sd4match.table_protocols import (
     AS_REPORTED,
     OURS,
@@ -34,6 +49,7 @@ from sd4match.table_protocols import (
     method_row_protocol,
     paper_protocol,
 )
+from sd4match.uncertainty import BootstrapSettings
 
 # Table 3 layout: dataset key -> the paper's name, and the alphas we report for each dataset.
 DATASET_NAMES = {"pfpascal": "PF-Pascal", "pfwillow": "PF-Willow", "spair": "SPair-71k"}
@@ -53,6 +69,7 @@ CITATION_COLUMN = "citation"
 BEST_COLUMN = "best_in_group"
 BEST_SEPARATOR = ";"
 QUOTED_SOURCE = "quoted"
+RELEASED_SOURCE = "released"  # the authors' released prompt, evaluated by this pipeline
 RANKED_SOURCES = ("ours", QUOTED_SOURCE)
 QUOTED_SUFFIX = " (quoted)"
 QUOTED_PCK = "as reported"  # the cited papers' own PCK convention, unknown to this pipeline
@@ -275,7 +292,7 @@ def _delta_row(ours: dict[str, Any], paper: dict[str, Any], columns: list[str]) 
     }
     for column in columns:
         row[column] = ours[column] - paper[column]
-    return row
+    return row | delta_cells(ours, paper, columns)
 
 
 def zero_shot_table(
@@ -318,7 +335,7 @@ def zero_shot_table(
         )
     for other in other_matchings:
         rows.append(_ours_table3_row(summaries, method_label, other, protocol.estimator, protocol.protocol))
-    return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *columns])
+    return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *arranged_columns(columns, rows)])
 
 
 def _ours_table3_row(
@@ -328,9 +345,9 @@ def _ours_table3_row(
     row: dict[str, Any] = _label_row(label, "ours", matching, RowProtocol(protocol, estimator))
     for dataset in DATASET_NAMES:
         for alpha in TABLE3_ALPHAS:
-            row[_column_name(dataset, alpha)] = estimator_pck(
-                summaries[dataset], ALL_CATEGORY, matching, alpha, dataset, estimator
-            )
+            header = _column_name(dataset, alpha)
+            row[header] = estimator_pck(summaries[dataset], ALL_CATEGORY, matching, alpha, dataset, estimator)
+            row |= bound_cells(header, summaries[dataset], ALL_CATEGORY, matching, alpha, dataset, estimator)
     return row
 
 
@@ -350,7 +367,8 @@ def _ours_per_category(
     estimator: str = "pck_per_image",
 ) -> dict[str, float]:
     """Our PCK (per image, or the row's ``estimator``) keyed by the paper's short category names + All (NaN
-    for absent categories)."""
+    for absent categories), with the bounds of each cell when the summary carries them
+    (``table_cells.bound_cells``)."""
     short_names = spair_short_names()
     _check_summary(summary_spair, where)
     present = set(summary_spair["category"])
@@ -364,6 +382,21 @@ def _ours_per_category(
         for category, short in short_names.items()
     }
     cells[ALL_CATEGORY] = estimator_pck(summary_spair, ALL_CATEGORY, matching, alpha, where, estimator)
+    for category, short in [*short_names.items(), (ALL_CATEGORY, ALL_CATEGORY)]:
+        if category in present:
+            cells |= bound_cells(short, summary_spair, category, matching, alpha, where, estimator)
+    return cells
+
+
+def _seeds_per_category(spread: pd.DataFrame, matching: str, alpha: float, where: str) -> dict[str, Any]:
+    """Mean and sample std across seeds per SPair-71k category + All (NaN for absent categories)."""
+    present = set(spread["category"])
+    cells: dict[str, Any] = {N_SEEDS: n_seeds(spread)}
+    for category, short in [*spair_short_names().items(), (ALL_CATEGORY, ALL_CATEGORY)]:
+        if category in present:
+            cells |= seed_cells(short, spread, category, matching, alpha, where)
+        else:
+            cells[short] = math.nan
     return cells
 
 
@@ -392,7 +425,7 @@ def per_category_table(
         paper |= {short: float(quoted["pck"][category]) for category, short in short_names.items()}
         paper[ALL_CATEGORY] = float(quoted["pck"][ALL_CATEGORY])
         rows += [paper, _delta_row(ours, paper, columns)]
-    return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *columns])
+    return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *arranged_columns(columns, rows)])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -442,15 +475,6 @@ def provenance_header(prov: Provenance) -> str:
     return "\n".join(lines)
 
 
-def _format_cell(value: Any, signed: bool) -> str:
-    """A Markdown cell: floats to 1 decimal ("-" for NaN, a sign for deltas), anything else as text."""
-    if isinstance(value, (float, np.floating)):
-        if math.isnan(value):
-            return "-"
-        return f"{value:+.1f}" if signed else f"{value:.1f}"
-    return str(value)
-
-
 def _best_columns(row: pd.Series) -> set[str]:
     """The columns a row is best-in-group for (from its ``best_in_group`` cell; empty when absent/NaN)."""
     cell = row.get(BEST_COLUMN)
@@ -459,25 +483,35 @@ def _best_columns(row: pd.Series) -> set[str]:
     return set(cell.split(BEST_SEPARATOR))
 
 
-def markdown_table(df: pd.DataFrame) -> str:
-    """Render a table as a Markdown pipe table with numbers to 1 decimal (delta rows signed, NaN as "-").
+def shown_columns(df: pd.DataFrame) -> list[str]:
+    """The columns a rendering shows: not the citation / best-in-group marks, and not the companions
+    (bounds, seed spread, paper marks) that ``table_cells.cell_text`` folds into their cell."""
+    hidden = set(MARKDOWN_HIDDEN_COLUMNS) | hidden_columns(list(df.columns))
+    return [column for column in df.columns if column not in hidden]
 
-    Best-in-group cells (the ``best_in_group`` column) are bolded, quoted rows are labelled "(quoted)", and
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """Render a table as a Markdown pipe table with numbers to 1 decimal (delta rows signed, NaN as "-"),
+    each with its interval ``[lo, hi]`` or seed spread ``± sd (n seeds)`` and the paper mark where it has
+    them.
+
+    Best-in-group numbers (the ``best_in_group`` column) are bolded, quoted rows are labelled "(quoted)", and
     the ``citation`` / ``best_in_group`` columns are left out (write_table lists the citations below).
     """
-    shown = [column for column in df.columns if column not in MARKDOWN_HIDDEN_COLUMNS]
+    shown = shown_columns(df)
     header = "| " + " | ".join(str(column) for column in shown) + " |"
     rule = "|" + "|".join("---" for _ in shown) + "|"
     body = []
     for _, row in df.iterrows():
-        signed = row.get("source") == "delta"
         best = _best_columns(row)
         cells = []
         for column in shown:
-            text = _format_cell(row[column], signed)
+            cell = cell_text(row, column)
             if column == "method" and row.get("source") == QUOTED_SOURCE:
-                text += QUOTED_SUFFIX
-            cells.append(f"**{text}**" if column in best else text)
+                cell = dataclasses.replace(cell, value=cell.value + QUOTED_SUFFIX)
+            if column in best:
+                cell = dataclasses.replace(cell, value=f"**{cell.value}**")
+            cells.append(cell.plain())
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([header, rule, *body])
 
@@ -498,11 +532,16 @@ BEST_NOTE = (
     "`paper` rows of methods this pipeline computes are not ranked."
 )
 BEST_NOTE_SPAIR_TUNED = "Rows tuned on SPair-71k are ranked only among themselves."
+RELEASED_NOTE = (
+    "`released` = the authors' released prompt (pretrained_prompts.zip) imported and evaluated by this "
+    "pipeline with the settings of our own rows; its `delta` row is released − paper. Not ranked."
+)
 
 
 def markdown_notes(df: pd.DataFrame) -> list[str]:
-    """Markdown paragraphs a table needs below it: the best-in-group rule, the quoted rows' sources and what
-    the ``protocol`` column's values mean."""
+    """Markdown paragraphs a table needs below it: the best-in-group rule, the quoted rows' sources, the
+    released-prompt rows, what the ``protocol`` column's values mean and what the intervals, marks and seed
+    spreads mean."""
     notes = []
     if BEST_COLUMN in df.columns:
         spair_tuned = TRAINED_ON_COLUMN in df.columns and (df[TRAINED_ON_COLUMN] == SPAIR_TUNED).any()
@@ -511,9 +550,11 @@ def markdown_notes(df: pd.DataFrame) -> list[str]:
         citations = [c for c in dict.fromkeys(df[CITATION_COLUMN]) if isinstance(c, str) and c]
         if citations:
             notes.append("\n".join(["Sources:", *(f"- {citation}" for citation in citations)]))
+    if "source" in df.columns and (df["source"] == RELEASED_SOURCE).any():
+        notes.append(RELEASED_NOTE)
     if "protocol" in df.columns:
         notes.append(PROTOCOL_LEGEND)
-    return notes
+    return notes + companion_notes(df)
 
 
 def provenance_sidecar_path(csv_path: str | os.PathLike[str]) -> Path:
@@ -538,28 +579,44 @@ HTML_STYLE = """
 .sd4match-table tr.ours { background: #eef6ff; }
 .sd4match-table tr.delta { color: #555; font-style: italic; }
 .sd4match-table tr.quoted { color: #666; }
+.sd4match-table tr.released { background: #f4f0ff; }
+.sd4match-table tr.seeds { background: #f5f9ff; font-style: italic; }
+.sd4match-table .ci { color: #666; font-size: 0.85em; white-space: nowrap; }
+.sd4match-table .paper-in { color: #2a7a2a; }
+.sd4match-table .paper-out { color: #b00; }
 .sd4match-table .demo { color: #b00; font-weight: bold; }
 """.strip()  # scoped: the report's front page embeds these pages
 
 
+def _html_cell(row: pd.Series, column: str, best: set[str]) -> str:
+    """One cell's HTML: the number (bold when best), its interval or seed spread and the paper mark, each in
+    its own element so a reader's browser shows the number as a text of its own."""
+    cell = cell_text(row, column)
+    value = cell.value + (QUOTED_SUFFIX if column == "method" and row.get("source") == QUOTED_SOURCE else "")
+    text = html.escape(value)
+    if column in best:
+        text = f"<strong>{text}</strong>"
+    if cell.detail:
+        text += f' <span class="ci">{html.escape(cell.detail)}</span>'
+    if cell.mark:
+        css = "paper-in" if cell.mark == INSIDE_MARK else "paper-out"
+        text += f' <span class="{css}">{html.escape(cell.mark)}</span>'
+    return text
+
+
 def html_table_body(df: pd.DataFrame) -> str:
-    """The ``<table>`` of a table: same cells as the Markdown (1 decimal, signed deltas, best in bold)."""
-    shown = [column for column in df.columns if column not in MARKDOWN_HIDDEN_COLUMNS]
+    """The ``<table>`` of a table: same cells as the Markdown (1 decimal, signed deltas, intervals, best in
+    bold)."""
+    shown = shown_columns(df)
     numeric = {column for column in shown if column not in (*LABEL_COLUMNS, GROUP_COLUMN, TRAINED_ON_COLUMN)}
     header = "".join(f"<th>{html.escape(str(column))}</th>" for column in shown)
     body = []
     for _, row in df.iterrows():
         source = str(row.get("source", ""))
-        signed = source == "delta"
         best = _best_columns(row)
         cells = []
         for column in shown:
-            text = _format_cell(row[column], signed)
-            if column == "method" and source == QUOTED_SOURCE:
-                text += QUOTED_SUFFIX
-            text = html.escape(text)
-            if column in best:
-                text = f"<strong>{text}</strong>"
+            text = _html_cell(row, column, best)
             css = "" if column in numeric else ' class="label"'
             cells.append(f"<td{css}>{text}</td>")
         body.append(f'<tr class="{html.escape(source)}">' + "".join(cells) + "</tr>")
@@ -580,16 +637,18 @@ def provenance_html(prov: Provenance) -> str:
     return demo + '<ul class="provenance">' + "".join(items) + "</ul>"
 
 
-def html_document(df: pd.DataFrame, title: str, prov: Provenance) -> str:
-    """A table as a standalone HTML page (title, provenance, the table, notes and legend) for the report."""
-    notes = "".join(f"<p>{_inline_html(note).replace(chr(10), '<br>')}</p>" for note in markdown_notes(df))
+def html_document(df: pd.DataFrame, title: str, prov: Provenance, notes: Sequence[str] = ()) -> str:
+    """A table as a standalone HTML page (title, provenance, the table, notes and legend) for the report;
+    ``notes``: the table's own lines (pairs evaluated, how the intervals were computed)."""
+    paragraphs = [*markdown_notes(df), *notes]
+    notes_html = "".join(f"<p>{_inline_html(note).replace(chr(10), '<br>')}</p>" for note in paragraphs)
     legend = "".join(f"<p>{_inline_html(part)}</p>" for part in LEGEND.split("\n\n"))
     # html/head/body are optional in HTML5: without them the page is also a fragment the report embeds
     return (
         f'<!DOCTYPE html>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
         f"<style>{HTML_STYLE}</style>\n"
         f'<div class="sd4match-table"><h2>{html.escape(title)}</h2>\n{provenance_html(prov)}\n'
-        f"{html_table_body(df)}\n{notes}{legend}</div>\n"
+        f"{html_table_body(df)}\n{notes_html}{legend}</div>\n"
     )
 
 
@@ -598,13 +657,21 @@ def _rst_literal(text: Any) -> str:
     return "``" + str(text).replace("`", "'") + "``"
 
 
-def caption_rst(prov: Provenance) -> str:
-    """The report caption's generated part: demo warning, protocol, models with revisions, hashes."""
+def _rst_text(text: str) -> str:
+    """Plain text in RST: markup characters escaped."""
+    return re.sub(r"([\\*`|_])", r"\\\1", text)
+
+
+def caption_rst(prov: Provenance, notes: Sequence[str] = ()) -> str:
+    """The report caption's generated part: demo warning, protocol, ``notes`` (pairs evaluated, interval
+    method), models with revisions, hashes."""
     _check_provenance(prov)
     lines = []
     if prov.demo:
         lines += [f"**DEMO RUN**: {DEMO_NOTE}", ""]
     lines += [f"Protocol: {prov.protocol}; a keypoint is correct if its error is at most alpha x theta.", ""]
+    for note in notes:
+        lines += [_rst_text(note), ""]
     models = [
         f"{name} {_rst_literal(rec['id'])} at {_rst_literal(rec['revision_resolved'])} "
         f"(requested {_rst_literal(rec['revision_requested'])}"
@@ -616,9 +683,9 @@ def caption_rst(prov: Provenance) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_caption(path: str | os.PathLike[str], prov: Provenance) -> None:
+def write_caption(path: str | os.PathLike[str], prov: Provenance, notes: Sequence[str] = ()) -> None:
     """Write the generated caption (RST) that the report's static caption includes."""
-    write_text_atomic(path, caption_rst(prov))
+    write_text_atomic(path, caption_rst(prov, notes))
 
 
 def write_table(
@@ -629,9 +696,11 @@ def write_table(
     prov: Provenance,
     html_path: str | os.PathLike[str] | None = None,
     caption_path: str | os.PathLike[str] | None = None,
+    notes: Sequence[str] = (),
 ) -> None:
     """Write a table as CSV (+ ``<csv>.provenance.json``) and Markdown (title, provenance, table, notes,
-    legend); optionally as a standalone HTML page and the report caption (RST)."""
+    legend); optionally as a standalone HTML page and the report caption (RST). ``notes``: the table's own
+    lines under it (pairs evaluated, how the intervals were computed), in every form."""
     _check_provenance(prov)
     write_table_atomic(df, csv_path)
     sidecar = {
@@ -641,13 +710,13 @@ def write_table(
         **dataclasses.asdict(prov),
     }
     write_json_atomic(provenance_sidecar_path(csv_path), sidecar)
-    parts = [f"# {title}", provenance_header(prov), markdown_table(df), *markdown_notes(df), LEGEND]
+    parts = [f"# {title}", provenance_header(prov), markdown_table(df), *markdown_notes(df), *notes, LEGEND]
     text = "\n\n".join(parts) + "\n"
     write_text_atomic(md_path, text)
     if html_path is not None:
-        write_text_atomic(html_path, html_document(df, title, prov))
+        write_text_atomic(html_path, html_document(df, title, prov, notes))
     if caption_path is not None:
-        write_caption(caption_path, prov)
+        write_caption(caption_path, prov, notes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -729,6 +798,8 @@ class Table2Entry:
     matching: str
     paper_row: str | None = None
     method: str | None = None  # the row's label when it differs from the entry's key
+    source: str = "ours"  # or RELEASED_SOURCE: the authors' released prompt, evaluated by this pipeline
+    seeds: pd.DataFrame | None = None  # spread across the run's seeds (uncertainty.seed_spread), > 1 seed
     protocol: RowProtocol | None = None  # how the numbers were obtained (None: the squashed frame, per image)
 
 
@@ -743,6 +814,8 @@ class Table3Entry:
     paper_row: str | None = None
     trained_on: str | None = None
     method: str | None = None  # the row's label when it differs from the entry's key (one per training set)
+    source: str = "ours"  # or RELEASED_SOURCE: the authors' released prompt, evaluated by this pipeline
+    seeds: dict[str, pd.DataFrame] | None = None  # per test set, the spread across the run's seeds (> 1)
     protocol: RowProtocol | None = None  # how the numbers were obtained (None: the squashed frame, per image)
 
 
@@ -810,15 +883,15 @@ def table1(
         for prompt, header in headers.items():
             summary = summaries.get((method, prompt))
             where = f"spair ({method}, {prompt})"
-            ours[header] = (
-                math.nan
-                if summary is None
-                else summary_pck(summary, ALL_CATEGORY, matching, float(spec["alpha"]), where)
-            )
+            if summary is None:
+                ours[header] = math.nan
+                continue
+            ours[header] = summary_pck(summary, ALL_CATEGORY, matching, float(spec["alpha"]), where)
+            ours |= bound_cells(header, summary, ALL_CATEGORY, matching, float(spec["alpha"]), where)
         paper = _paper_label_row(quoted, "table1")
         paper |= {headers[p]: math.nan if v is None else float(v) for p, v in quoted["pck"].items()}
         rows += [ours, paper, _delta_row(ours, paper, columns)]
-    return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *columns])
+    return pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *arranged_columns(columns, rows)])
 
 
 def _table1_protocol(protocols: dict[tuple[str, str], RowProtocol | dict], row: str) -> RowProtocol:
@@ -872,10 +945,18 @@ def _assemble_full_table(
     ours_row: Callable[[str, Any, dict | None], dict[str, Any]],
     paper_row: Callable[[dict], dict[str, Any]],
     columns: list[str],
+    seeds_row: Callable[[str, Any, dict[str, Any]], dict[str, Any] | None] = lambda *_: None,
 ) -> list[dict[str, Any]]:
-    """Rows in the paper's order, grouped Z / I / K: each paper row (quoted, or ours + paper + delta for
-    methods we compute), then our rows without a paper row at the end of their group."""
+    """Rows in the paper's order, grouped Z / I / K: each paper row (quoted, or ours [+ seeds] + paper +
+    delta for methods we compute, then the released prompt's row and delta), then our rows without a paper
+    row at the end of their group. ``seeds_row`` gives the spread across seeds of an entry with several."""
     rows: list[dict[str, Any]] = []
+
+    def ours_rows(label: str, spec: dict | None) -> list[dict[str, Any]]:
+        ours = ours_row(label, entries[label], spec)
+        spread = seeds_row(label, entries[label], ours)
+        return [ours] if spread is None else [ours, spread]
+
     for group in groups:
         for spec in (row for row in spec_rows if row["group"] == group):
             paper = paper_row(spec)
@@ -883,14 +964,23 @@ def _assemble_full_table(
             if not mine:
                 rows.append(paper)
             for index, label in enumerate(mine):
-                ours = ours_row(label, entries[label], spec)
-                rows += [ours, paper] if index == 0 else [ours]
-                delta = _delta_row(ours, paper, columns)
-                rows.append({**ours, **delta, CITATION_COLUMN: ""})
+                computed = ours_rows(label, spec)
+                rows += [*computed, paper] if index == 0 else computed
+                delta = _delta_row(computed[0], paper, columns)
+                if entries[label].source == RELEASED_SOURCE:
+                    delta["method"] = "released − paper"
+                labels = {k: v for k, v in computed[0].items() if k not in delta and k not in columns}
+                rows.append({**_without_companions(labels, columns), **delta, CITATION_COLUMN: ""})
         for label, entry in entries.items():
             if entry.group == group and linked[label] is None:
-                rows.append(ours_row(label, entry, None))
+                rows += ours_rows(label, None)
     return rows
+
+
+def _without_companions(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
+    """A row's label cells only: the numeric columns' companions (bounds, spread) left out."""
+    companions = {f"{c}{suffix}" for c in columns for suffix in ("_lo", "_hi", "_sd")}
+    return {k: v for k, v in row.items() if k not in companions and k != N_SEEDS}
 
 
 def mark_best(df: pd.DataFrame, columns: list[str], ranking_sets: pd.Series) -> pd.Series:
@@ -943,14 +1033,29 @@ def table2_full(
         protocol = RowProtocol.coerce(entry.protocol)
         where = f"spair ({label})"
         cells = _ours_per_category(entry.summary, entry.matching, alpha, where, protocol.estimator)
-        labels = _label_row(entry.method or label, "ours", entry.matching, protocol)
+        labels = _label_row(entry.method or label, entry.source, entry.matching, protocol)
         return {GROUP_COLUMN: entry.group, **labels, **cells,
                 CITATION_COLUMN: "" if row is None else row["citation"]}  # fmt: skip
 
-    rows = _assemble_full_table(spec["rows"], groups, entries, linked, ours_row, paper_row, columns)
-    table = pd.DataFrame(rows, columns=[GROUP_COLUMN, *LABEL_COLUMNS, *columns, CITATION_COLUMN])
+    def seeds_row(label: str, entry: Table2Entry, ours: dict[str, Any]) -> dict[str, Any] | None:
+        if entry.seeds is None:
+            return None
+        cells = _seeds_per_category(entry.seeds, entry.matching, alpha, where=f"spair ({label})")
+        return {**_seeds_labels(ours), **cells}
+
+    rows = _assemble_full_table(
+        spec["rows"], groups, entries, linked, ours_row, paper_row, columns, seeds_row
+    )
+    numeric = arranged_columns(columns, rows)
+    table = pd.DataFrame(rows, columns=[GROUP_COLUMN, *LABEL_COLUMNS, *numeric, CITATION_COLUMN])
     table[BEST_COLUMN] = mark_best(table, columns, table[GROUP_COLUMN])
     return table
+
+
+def _seeds_labels(ours: dict[str, Any]) -> dict[str, Any]:
+    """The label cells of the seeds row under an ``ours`` row: the same, with source ``seeds``."""
+    keep = (GROUP_COLUMN, *LABEL_COLUMNS, TRAINED_ON_COLUMN, CITATION_COLUMN)
+    return {k: ours[k] for k in keep if k in ours} | {"source": SEEDS_SOURCE, CITATION_COLUMN: ""}
 
 
 def _table3_paper_columns() -> list[tuple[str, float, str]]:
@@ -1012,20 +1117,35 @@ def table3_full(
 
     def ours_row(label: str, entry: Table3Entry, row: dict | None) -> dict[str, Any]:
         protocol = RowProtocol.coerce(entry.protocol)
-        cells = {
-            header: estimator_pck(
-                entry.summaries[d], ALL_CATEGORY, entry.matching, a, f"{d} ({label})", protocol.estimator
-            )
-            for d, a, header in cells_spec
-        }
-        labels = _label_row(entry.method or label, "ours", entry.matching, protocol)
+        cells: dict[str, Any] = {}
+        for d, a, header in cells_spec:
+            summary, where = entry.summaries[d], f"{d} ({label})"
+            cells[header] = estimator_pck(summary, ALL_CATEGORY, entry.matching, a, where, protocol.estimator)
+            cells |= bound_cells(header, summary, ALL_CATEGORY, entry.matching, a, where, protocol.estimator)
+        labels = _label_row(entry.method or label, entry.source, entry.matching, protocol)
         return {GROUP_COLUMN: entry.group, **labels,
                 TRAINED_ON_COLUMN: _trained_on_name(entry.trained_on), **cells,
                 CITATION_COLUMN: "" if row is None else row["citation"]}  # fmt: skip
 
-    rows = _assemble_full_table(spec["rows"], groups, entries, linked, ours_row, paper_row, columns)
+    def seeds_row(label: str, entry: Table3Entry, ours: dict[str, Any]) -> dict[str, Any] | None:
+        if not entry.seeds:
+            return None
+        cells: dict[str, Any] = {N_SEEDS: min(n_seeds(spread) for spread in entry.seeds.values())}
+        for d, a, header in cells_spec:
+            spread = entry.seeds.get(d)
+            cells |= (
+                {header: math.nan}
+                if spread is None
+                else seed_cells(header, spread, ALL_CATEGORY, entry.matching, a, f"{d} ({label})")
+            )
+        return {**_seeds_labels(ours), **cells}
+
+    rows = _assemble_full_table(
+        spec["rows"], groups, entries, linked, ours_row, paper_row, columns, seeds_row
+    )
     label_columns = [GROUP_COLUMN, *LABEL_COLUMNS, TRAINED_ON_COLUMN]
-    table = pd.DataFrame(rows, columns=[*label_columns, *columns, CITATION_COLUMN])
+    numeric = arranged_columns(columns, rows)
+    table = pd.DataFrame(rows, columns=[*label_columns, *numeric, CITATION_COLUMN])
     ranking_sets = table[GROUP_COLUMN].where(
         table[TRAINED_ON_COLUMN] != SPAIR_TUNED, table[GROUP_COLUMN] + f" (tuned on {SPAIR_TUNED})"
     )
@@ -1054,6 +1174,24 @@ ZERO_SHOT_PAPER_ROWS = {"dino": "DINO", "dinov2": "DINOv2", "dift_orig": "DIFT",
 
 def _read(path: str | os.PathLike[str]) -> pd.DataFrame:
     return pd.read_csv(path)
+
+
+def released_row_label(variant: str) -> str:
+    """The row of the authors' released prompt of a variant kind, e.g. "SD4Match-CPM (authors' released
+    prompt)" (its training set is Table 3's ``trained_on`` column)."""
+    return f"{PAPER_ROW_OF_KIND[variant]} (authors' released prompt)"
+
+
+def _evaluation_reader(
+    intervals: BootstrapSettings | None, alphas: Sequence[float] | None
+) -> Callable[[str | os.PathLike[str], str], pd.DataFrame]:
+    """Reads a summary for a table: with ``intervals``, plus the bounds of the cells the table prints (one
+    matching method at ``alphas``) from the per-pair CSV beside it."""
+
+    def read(path: str | os.PathLike[str], matching: str) -> pd.DataFrame:
+        return read_evaluation(path, intervals, [matching], alphas)
+
+    return read
 
 
 def _zero_shot_entry(method: str, protocols: dict[str, Any], zero_shot_matching: str) -> dict[str, Any]:
@@ -1112,19 +1250,37 @@ def table2_from_files(
     matching: str,
     zero_shot_matching: str,
     zero_shot_protocols: dict[str, Any] | None = None,
+    intervals: BootstrapSettings | None = None,
+    seeds: Mapping[str, Mapping[int, str]] | None = None,
+    released: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Full Table 2 from summary files: zero-shot methods (keys of ZERO_SHOT_LABELS, with their
     ``zero_shot_protocols``; default: the squashed frame) and SPair-tuned SD4Match variants (the paper's CPM
-    design maps to its CPM row; ablations get no paper row)."""
+    design maps to its CPM row; ablations get no paper row).
+
+    ``intervals``: bootstrap every printed cell from the per-pair CSV beside its summary; ``seeds``: variant
+    -> {seed: summary} of its runs (a seeds row when there are several); ``released``: variant kind -> the
+    SPair-71k summary of the authors' released prompt tuned on SPair-71k (a row beside ours and the paper's).
+    """
+    read = _evaluation_reader(intervals, [float(load_paper_tables()["table2"]["alpha"])])
     paper_cpm = paper_cpm_variants(variants)
     entries: dict[str, Table2Entry] = {}
     for method, path in zero_shot.items():
         fields = _zero_shot_entry(method, zero_shot_protocols or {}, zero_shot_matching)
-        entries[method] = Table2Entry("Z", _read(path), **fields)
+        entries[method] = Table2Entry("Z", read(path, fields["matching"]), **fields)
     for variant, path in sd4match.items():
         kind = variants[variant]["kind"]
         paper_row = _paper_row_for(kind, variant in paper_cpm)
-        entries[variant_label(kind, variant)] = Table2Entry("K", _read(path), matching, paper_row)
+        spread = read_seed_spread((seeds or {}).get(variant))
+        entries[variant_label(kind, variant)] = Table2Entry(
+            "K", read(path, matching), matching, paper_row, seeds=spread
+        )
+    for variant, path in sorted(
+        (released or {}).items(), key=lambda item: list(PAPER_ROW_OF_KIND).index(item[0])
+    ):
+        entries[released_row_label(variant)] = Table2Entry(
+            "K", read(path, matching), matching, PAPER_ROW_OF_KIND[variant], source=RELEASED_SOURCE
+        )
     return table2_full(entries)
 
 
@@ -1136,24 +1292,41 @@ def table3_from_files(
     matching: str,
     zero_shot_matching: str,
     zero_shot_protocols: dict[str, Any] | None = None,
+    intervals: BootstrapSettings | None = None,
+    seeds: Mapping[str, Mapping[int, str]] | None = None,
+    released: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Full Table 3 from summary files keyed ``<method>/<dataset>`` (zero-shot, in the given order, with their
     ``zero_shot_protocols``) and ``<trainset>/<variant>/<dataset>`` (SD4Match runs evaluated on all three test
-    sets)."""
+    sets).
+
+    ``intervals``, ``seeds`` (same keys as ``sd4match`` -> {seed: summary}) and ``released`` (keys
+    ``<trainset>/<variant kind>/<dataset>``: the authors' released prompts; those evaluated on the three test
+    sets get a row beside ours and the paper's) as in ``table2_from_files``."""
+    read = _evaluation_reader(intervals, None)
     paper_cpm = paper_cpm_variants(variants)
     entries: dict[str, Table3Entry] = {}
     for method in dict.fromkeys(key.split("/")[0] for key in zero_shot):
         fields = _zero_shot_entry(method, zero_shot_protocols or {}, zero_shot_matching)
-        summaries = {d: _read(zero_shot[f"{method}/{d}"]) for d in DATASET_NAMES}
+        summaries = {d: read(zero_shot[f"{method}/{d}"], fields["matching"]) for d in DATASET_NAMES}
         entries[method] = Table3Entry("Z", summaries, **fields)
     for trainset, variant in runs:
         kind = variants[variant]["kind"]
-        summaries = {d: _read(sd4match[f"{trainset}/{variant}/{d}"]) for d in DATASET_NAMES}
+        keys = {d: f"{trainset}/{variant}/{d}" for d in DATASET_NAMES}
+        summaries = {d: read(sd4match[key], matching) for d, key in keys.items()}
+        spread = {d: read_seed_spread((seeds or {}).get(key)) for d, key in keys.items()}
         label = variant_label(kind, variant)
         paper_row = _paper_row_for(kind, variant in paper_cpm)
         entries[f"{label} ({trainset})"] = Table3Entry(
-            "K", summaries, matching, paper_row, trained_on=trainset, method=label
-        )
+            "K", summaries, matching, paper_row, trained_on=trainset, method=label,
+            seeds={d: frame for d, frame in spread.items() if frame is not None} or None,
+        )  # fmt: skip
+    for (trainset, variant), paths in _released_runs(released or {}).items():
+        label = released_row_label(variant)
+        entries[f"{label} ({trainset})"] = Table3Entry(
+            "K", {d: read(path, matching) for d, path in paths.items()}, matching, PAPER_ROW_OF_KIND[variant],
+            trained_on=trainset, method=label, source=RELEASED_SOURCE,
+        )  # fmt: skip
     return table3_full(entries)
 
 
@@ -1240,3 +1413,17 @@ def custom_title(name: str, threshold: str, pairs_note: str) -> str:
     """Title of a custom dataset's table: its name, PCK threshold and the pairs it holds."""
     note = f"; {pairs_note.removeprefix('Pairs: ').rstrip('.')}" if pairs_note else ""
     return f"Custom dataset {name}: PCK, θ = {THRESHOLD_DESCRIPTIONS[threshold]}{note}"
+
+
+def _released_runs(released: Mapping[str, str]) -> dict[tuple[str, str], dict[str, str]]:
+    """Released prompts evaluated on all three test sets: (trainset, variant kind) -> {dataset: summary},
+    in the paper's order (PF-Pascal-tuned first, then Single, Class, CPM)."""
+    runs: dict[tuple[str, str], dict[str, str]] = {}
+    for key, path in released.items():
+        trainset, variant, dataset = key.split("/")
+        runs.setdefault((trainset, variant), {})[dataset] = path
+    complete = {run: paths for run, paths in runs.items() if set(paths) == set(DATASET_NAMES)}
+    order = [*TRAIN_SET_NAMES], [*PAPER_ROW_OF_KIND]
+    return dict(
+        sorted(complete.items(), key=lambda item: (order[0].index(item[0][0]), order[1].index(item[0][1])))
+    )

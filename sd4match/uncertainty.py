@@ -9,7 +9,10 @@ Method (stated in every table that prints these numbers, see ``METHOD_NOTE``):
   pair instead).
 - Statistics per replicate are the point estimators of ``sd4match.metrics.summarise``: PCK per image is the
   mean of per-pair PCK (``All``: over all pairs, not over categories); PCK per keypoint is the ratio
-  ``sum(n_correct) / sum(n_kps)`` of the resampled pairs.
+  ``sum(n_correct) / sum(n_kps)`` of the resampled pairs; sd-dino's "All" (``pck_category_weighted``,
+  ``sd4match.table_protocols``) is the categories' per-keypoint replicates averaged with the categories'
+  pair counts as fixed weights (the same per-category draws, whatever ``stratified`` says); for a category
+  it is its per-keypoint PCK.
 - Interval: percentile bootstrap (the ``(1 - c) / 2`` and ``(1 + c) / 2`` quantiles of the replicates,
   numpy's linear interpolation); B = 2000 resamples and seed 0 by default.
 - Every category draws from its own generator, seeded by (seed, CRC-32 of the category name): its
@@ -32,6 +35,8 @@ import pandas as pd
 from sd4match.metrics import ALL_CATEGORY, SUMMARY_COLUMNS, summarise
 
 PCK_KINDS: tuple[str, ...] = ("pck_per_image", "pck_per_keypoint")
+CATEGORY_WEIGHTED = "pck_category_weighted"  # sd-dino's All (sd4match.table_protocols.category_weighted_pck)
+BOUND_KINDS: tuple[str, ...] = (*PCK_KINDS, CATEGORY_WEIGHTED)  # the estimators with intervals
 INTERVAL_METHOD = "percentile bootstrap over pairs, stratified by category"
 PathLike = str | os.PathLike[str]
 _REQUIRED = ("pair_id", "category", "method", "alpha", "n_kps", "n_correct")
@@ -247,26 +252,37 @@ def bootstrap_bounds(
     m = len(counts.columns)
     sums = replicate_sums(_value_matrix(counts), counts.strata(), settings)
     n_pairs = _n_pairs(counts)
+    stats = {name: statistics_from_sums(s, n_pairs[name], m) for name, s in sums.items()}
+    _add_category_weighted(stats, n_pairs)
     return {
-        name: {
-            kind: percentile_interval(reps, settings)
-            for kind, reps in statistics_from_sums(s, n_pairs[name], m).items()
-        }
-        for name, s in sums.items()
+        name: {kind: percentile_interval(reps, settings) for kind, reps in kinds.items()}
+        for name, kinds in stats.items()
     }
+
+
+def _add_category_weighted(stats: dict[str, dict[str, np.ndarray]], n_pairs: Mapping[str, int]) -> None:
+    """Add the ``(B, M)`` replicates of sd-dino's estimator: a category's per-keypoint PCK, and for ``All``
+    the categories' per-keypoint replicates weighted by their (fixed) pair counts."""
+    categories = [name for name in stats if name != ALL_CATEGORY]
+    for name in categories:
+        stats[name][CATEGORY_WEIGHTED] = stats[name]["pck_per_keypoint"]
+    weights = np.array([n_pairs[name] for name in categories], dtype=np.float64)
+    per_category = np.stack([stats[name]["pck_per_keypoint"] for name in categories])  # (C, B, M)
+    stats[ALL_CATEGORY][CATEGORY_WEIGHTED] = np.tensordot(weights / weights.sum(), per_category, axes=1)
 
 
 def summary_with_intervals(
     per_pair: pd.DataFrame, settings: BootstrapSettings = BootstrapSettings(), where: str = "per-pair table"
 ) -> pd.DataFrame:
     """``sd4match.metrics.summarise`` (same rows, same point estimates) plus ``<kind>_lo`` / ``<kind>_hi``
-    for ``pck_per_image`` and ``pck_per_keypoint``: the percentile interval of each cell."""
+    for ``pck_per_image``, ``pck_per_keypoint`` and ``pck_category_weighted``: the percentile interval of each
+    cell."""
     summary = summarise(per_pair)
     counts = pair_counts(per_pair, where)
     bounds = bootstrap_bounds(counts, settings)
     column = {key: j for j, key in enumerate(counts.columns)}
     j = [column[(m, float(a))] for m, a in zip(summary["method"], summary["alpha"], strict=True)]
-    for kind in PCK_KINDS:
+    for kind in BOUND_KINDS:
         lo = [bounds[c][kind][0, k] for c, k in zip(summary["category"], j, strict=True)]
         hi = [bounds[c][kind][1, k] for c, k in zip(summary["category"], j, strict=True)]
         summary[f"{kind}_lo"], summary[f"{kind}_hi"] = lo, hi
@@ -279,6 +295,8 @@ INTERVAL_COLUMNS: tuple[str, ...] = (
     "pck_per_image_hi",
     "pck_per_keypoint_lo",
     "pck_per_keypoint_hi",
+    "pck_category_weighted_lo",
+    "pck_category_weighted_hi",
 )
 
 
@@ -508,16 +526,26 @@ def _number(value: float, digits: int, signed: bool) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def format_bounds(lo: float, hi: float, digits: int = 1, signed: bool = False) -> str:
+    """The bracket of an interval, ``[74.6, 76.0]`` (``signed``: ``[-0.3, +2.6]``)."""
+    return f"[{_number(lo, digits, signed)}, {_number(hi, digits, signed)}]"
+
+
 def format_interval(point: float, lo: float, hi: float, digits: int = 1, signed: bool = False) -> str:
     """``75.3 [74.6, 76.0]`` (``signed``: ``+1.2 [-0.3, +2.6]``, for differences)."""
-    return f"{_number(point, digits, signed)} [{_number(lo, digits, signed)}, {_number(hi, digits, signed)}]"
+    return f"{_number(point, digits, signed)} {format_bounds(lo, hi, digits, signed)}"
+
+
+def format_sd(std: float, n_seeds: int, digits: int = 1) -> str:
+    """What follows a mean across seeds: ``± 3.6 (3 seeds)``; one seed has no spread: ``(1 seed)``."""
+    if n_seeds == 1 or math.isnan(std):
+        return f"({n_seeds} seed{'s' if n_seeds != 1 else ''})"
+    return f"± {std:.{digits}f} ({n_seeds} seeds)"
 
 
 def format_spread(mean: float, std: float, n_seeds: int, digits: int = 1) -> str:
     """``73.0 ± 3.6 (3 seeds)``; one seed has no spread: ``73.0 (1 seed)``."""
-    if n_seeds == 1 or math.isnan(std):
-        return f"{mean:.{digits}f} ({n_seeds} seed{'s' if n_seeds != 1 else ''})"
-    return f"{mean:.{digits}f} ± {std:.{digits}f} ({n_seeds} seeds)"
+    return f"{mean:.{digits}f} {format_sd(std, n_seeds, digits)}"
 
 
 def paper_within(paper: float | None, lo: float, hi: float, resolution: float = 0.1) -> bool | None:

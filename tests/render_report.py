@@ -96,10 +96,14 @@ def visible_text(dom: str) -> list[str]:
 
 
 def expected_numbers(table_csv: Path) -> list[str]:
-    """Every number of the table's `ours` rows as displayed (one decimal)."""
+    """Every number of the table's `ours` rows as displayed (one decimal); not their intervals and the other
+    companion columns, which a cell shows after its number (``[lo, hi]``)."""
+    from sd4match.table_cells import hidden_columns
+
     table = pd.read_csv(table_csv)
     ours = table[table["source"] == "ours"]
-    numeric = [column for column in table.columns if column not in LABEL_COLUMNS]
+    companions = hidden_columns(list(table.columns))
+    numeric = [column for column in table.columns if column not in LABEL_COLUMNS | companions]
     return [f"{value:.1f}" for value in ours[numeric].to_numpy().ravel() if not math.isnan(float(value))]
 
 

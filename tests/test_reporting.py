@@ -938,6 +938,347 @@ def test_write_table_writes_html_and_caption_when_asked(tmp_path: Path) -> None:
     assert paths["rst"].read_text() == reporting.caption_rst(_provenance(False))
 
 
+# ---------------------------------------- intervals, seeds, released rows and paired differences (issue 12)
+
+
+def _evaluation(
+    root: Path,
+    name: str,
+    cells: dict[str, list[tuple[int, int]]],
+    method: str = "kernel_softmax",
+    alphas: tuple[float, ...] = (0.1,),
+) -> str:
+    """An evaluation directory as the pipeline writes it: ``per_pair.csv`` (pairs of each category as
+    (n_correct, n_kps), the same at every alpha) and the ``summary.csv`` that ``metrics.summarise`` makes of
+    it."""
+    from sd4match.metrics import PER_PAIR_COLUMNS, summarise
+
+    rows = [
+        {"pair_id": f"{category}-{i:03d}", "category": category, "method": method, "alpha": alpha,
+         "n_kps": kps, "n_correct": correct, "threshold": 10.0, "pck": 100.0 * correct / kps}
+        for category, pairs in cells.items()
+        for i, (correct, kps) in enumerate(pairs)
+        for alpha in alphas
+    ]  # fmt: skip
+    directory = root / name
+    directory.mkdir(parents=True)
+    per_pair = pd.DataFrame(rows, columns=list(PER_PAIR_COLUMNS))
+    per_pair.to_csv(directory / "per_pair.csv", index=False)
+    summarise(per_pair).to_csv(directory / "summary.csv", index=False)
+    return str(directory / "summary.csv")
+
+
+def _right(n: int, kps: int = 2) -> list[tuple[int, int]]:
+    """``n`` pairs with every keypoint right."""
+    return [(kps, kps)] * n
+
+
+def _some_right(right: int, wrong: int) -> list[tuple[int, int]]:
+    """Pairs of one keypoint each: ``right`` correct, then ``wrong`` not."""
+    return [(1, 1)] * right + [(0, 1)] * wrong
+
+
+def _cells(table: pd.DataFrame, method: str, source: str, columns=("Aero", "Bike", "All")) -> list[str]:
+    """How the row's cells read in the Markdown (number, interval or spread, paper mark)."""
+    from sd4match.table_cells import cell_text
+
+    row = table[(table["method"] == method) & (table["source"] == source)]
+    assert len(row) == 1, (method, source, len(row))
+    return [cell_text(row.iloc[0].to_dict(), column).plain() for column in columns]
+
+
+def _table2_world(tmp_path: Path) -> pd.DataFrame:
+    """Table 2 of: DIFT by its own protocol (``dift_orig``, beside the paper's DIFT row) all right;
+    SD4Match-Single with two seeds (seed 0: Aero 7/10, Bike 5/10; seed 1: Aero 8/10, Bike 6/10); the authors'
+    released Single prompt all right."""
+    from sd4match.uncertainty import BootstrapSettings
+
+    dift = _evaluation(tmp_path, "dift", {"aeroplane": _right(3), "bicycle": _right(3)}, method="nn")
+    protocols = reporting.zero_shot_protocols({"dift_orig": {"kind": "sd", "protocol": "original"}})
+    seed0 = _evaluation(tmp_path, "s0", {"aeroplane": _some_right(7, 3), "bicycle": _some_right(5, 5)})
+    seed1 = _evaluation(tmp_path, "s1", {"aeroplane": _some_right(8, 2), "bicycle": _some_right(6, 4)})
+    released = _evaluation(tmp_path, "released", {"aeroplane": _right(2), "bicycle": _right(2)})
+    return reporting.table2_from_files(
+        {"dift_orig": dift},
+        {"single": seed0},
+        {"single": {"kind": "single"}},
+        "kernel_softmax",
+        "nn",
+        zero_shot_protocols=protocols,
+        intervals=BootstrapSettings(),
+        seeds={"single": {0: seed0, 1: seed1}},
+        released={"single": released},
+    )
+
+
+def test_table2_all_right_method_has_a_zero_width_interval_and_the_paper_outside(tmp_path: Path) -> None:
+    table = _table2_world(tmp_path)
+    assert _cells(table, "DIFT", "ours") == ["100.0 [100.0, 100.0]"] * 3
+    # DIFT's paper numbers: Aero 61.2, Bike 53.2, All 52.9, all outside [100, 100]
+    assert _cells(table[table["group"] == "Z"], "ours − paper", "delta") == [
+        "+38.8 [+38.8, +38.8] ✗", "+46.8 [+46.8, +46.8] ✗", "+47.1 [+47.1, +47.1] ✗"
+    ]  # fmt: skip
+    dift = table[(table["method"] == "DIFT") & (table["source"] == "ours")].iloc[0]
+    assert (dift["All"], dift["All_lo"], dift["All_hi"]) == (100.0, 100.0, 100.0)
+    delta = table[(table["group"] == "Z") & (table["source"] == "delta")].iloc[0]
+    assert delta["paper_inside"] == "" and delta["paper_outside"] == "Aero;Bike;All"
+    assert delta["All_lo"] == pytest.approx(47.1) and delta["All_hi"] == pytest.approx(47.1)
+
+
+def test_table2_interval_is_the_bootstrap_of_the_per_pair_csv_and_marks_the_paper(tmp_path: Path) -> None:
+    from sd4match.uncertainty import BootstrapSettings, cell_interval, intervals_from_file
+
+    table = _table2_world(tmp_path)
+    ours = table[(table["method"] == "SD4Match-Single") & (table["source"] == "ours")].iloc[0]
+    intervals = intervals_from_file(tmp_path / "s0/per_pair.csv", BootstrapSettings())
+    for short, category in (("Aero", "aeroplane"), ("Bike", "bicycle"), ("All", "All")):
+        point, lo, hi = cell_interval(intervals, category, "kernel_softmax", 0.1)
+        assert (ours[short], ours[f"{short}_lo"], ours[f"{short}_hi"]) == (point, lo, hi)
+    assert (ours["Aero"], ours["Bike"], ours["All"]) == (70.0, 50.0, 60.0)
+    assert ours["All_lo"] < 72.6 < ours["All_hi"]  # 20 pairs, 12 right: the paper's 72.6 is inside
+    delta = table[(table["group"] == "K") & (table["method"] == "ours − paper")].iloc[0]
+    assert delta["All"] == pytest.approx(60.0 - 72.6)
+    assert (delta["All_lo"], delta["All_hi"]) == pytest.approx((ours["All_lo"] - 72.6, ours["All_hi"] - 72.6))
+    assert delta["paper_inside"] == "Aero;Bike;All" and delta["paper_outside"] == ""
+    assert all(cell.endswith(" ✓") for cell in _cells(table[table["group"] == "K"], "ours − paper", "delta"))
+    # categories without pairs stay "-" and carry no interval
+    assert math.isnan(ours["Bird"]) and "Bird_lo" not in table.columns
+
+
+def test_table2_two_seeds_give_mean_and_sample_std_beside_the_primary_seed(tmp_path: Path) -> None:
+    table = _table2_world(tmp_path)
+    single = table[table["method"] == "SD4Match-Single"]
+    assert list(single["source"]) == ["ours", "seeds", "paper"]
+    seeds = single.iloc[1]
+    # Aero 70, 80; Bike 50, 60; All 60, 70: means 75, 55, 65; sample std sqrt(50) = 7.07 each
+    assert (seeds["Aero"], seeds["Bike"], seeds["All"], seeds["n_seeds"]) == (75.0, 55.0, 65.0, 2)
+    assert seeds["All_sd"] == pytest.approx(math.sqrt(50.0), abs=1e-12)
+    assert _cells(table, "SD4Match-Single", "seeds") == ["75.0 ± 7.1 (2 seeds)", "55.0 ± 7.1 (2 seeds)",
+                                                          "65.0 ± 7.1 (2 seeds)"]  # fmt: skip
+    assert reporting.markdown_notes(table)[-1].startswith("`seeds` = mean ± sample standard deviation")
+    # one seed: no seeds row, nothing extra printed
+    from sd4match.uncertainty import BootstrapSettings
+
+    one = reporting.table2_from_files(
+        {}, {"single": str(tmp_path / "s0/summary.csv")}, {"single": {"kind": "single"}}, "kernel_softmax",
+        "nn", intervals=BootstrapSettings(), seeds={"single": {0: str(tmp_path / "s0/summary.csv")}},
+    )  # fmt: skip
+    assert "seeds" not in set(one["source"]) and "n_seeds" not in one.columns
+
+
+def test_table2_released_prompt_row_beside_ours_and_the_paper(tmp_path: Path) -> None:
+    table = _table2_world(tmp_path)
+    label = "SD4Match-Single (authors' released prompt)"
+    k = table[table["group"] == "K"]
+    methods = list(k["method"])
+    start = methods.index("SD4Match-Single")
+    assert methods[start : start + 6] == [
+        "SD4Match-Single", "SD4Match-Single", "SD4Match-Single", "ours − paper", label, "released − paper"
+    ]  # fmt: skip
+    assert _cells(table, label, "released") == ["100.0 [100.0, 100.0]"] * 3
+    assert _cells(table, "released − paper", "delta") == [
+        "+27.9 [+27.9, +27.9] ✗", "+33.5 [+33.5, +33.5] ✗", "+27.4 [+27.4, +27.4] ✗"
+    ]  # fmt: skip
+    released = table[table["method"] == label].iloc[0]
+    assert released["matching"] == "kernel_softmax" and released["best_in_group"] == ""  # not ranked
+    assert any(
+        note.startswith("`released` = the authors' released prompt")
+        for note in reporting.markdown_notes(table)
+    )
+
+
+def test_table3_released_rows_need_all_three_test_sets_and_seed_rows_per_dataset(tmp_path: Path) -> None:
+    from sd4match.uncertainty import BootstrapSettings
+
+    datasets = ("pfpascal", "pfwillow", "spair")
+    everywhere = {"pfpascal": "aeroplane", "pfwillow": "car", "spair": "aeroplane"}
+
+    def evaluation(name: str, right: int, wrong: int, method="kernel_softmax") -> dict[str, str]:
+        return {
+            d: _evaluation(
+                tmp_path, f"{name}_{d}", {everywhere[d]: _some_right(right, wrong)}, method, (0.05, 0.1, 0.15)
+            )
+            for d in datasets
+        }
+
+    zero_shot = {f"dift/{d}": path for d, path in evaluation("dift", 1, 1, "nn").items()}
+    seed0, seed1 = evaluation("cpm0", 3, 1), evaluation("cpm1", 1, 3)  # 75 and 25: mean 50, std sqrt(1250)
+    sd4match = {f"spair/cpm/{d}": path for d, path in seed0.items()}
+    seeds = {f"spair/cpm/{d}": {0: seed0[d], 1: seed1[d]} for d in datasets}
+    released = {f"pfpascal/single/{d}": path for d, path in evaluation("rel", 2, 0).items()}
+    released["spair/class/spair"] = evaluation("class", 2, 0)["spair"]  # on SPair-71k only: not in Table 3
+    table = reporting.table3_from_files(
+        zero_shot, [("spair", "cpm")], sd4match, VARIANTS, "kernel_softmax", "nn",
+        intervals=BootstrapSettings(), seeds=seeds, released=released,
+    )  # fmt: skip
+    columns = ("PF-Pascal@0.1", "PF-Willow@0.1", "SPair-71k@0.1")
+    seeds_row = _cells(table, "SD4Match-CPM", "seeds", columns)
+    assert seeds_row == ["50.0 ± 35.4 (2 seeds)"] * 3
+    label = "SD4Match-Single (authors' released prompt)"
+    assert _cells(table, label, "released", columns) == ["100.0 [100.0, 100.0]"] * 3
+    assert list(table.loc[table["method"] == label, "trained_on"]) == ["PF-Pascal"]
+    assert not table["method"].str.startswith("SD4Match-Class (authors'").any()
+    # two pairs, 100 and 0: resampled means are 0, 50, 100 with probability 1/4, 1/2, 1/4
+    assert _cells(table, "DIFT", "ours", columns) == ["50.0 [0.0, 100.0]"] * 3
+    assert _cells(table, "SD4Match-CPM", "ours", ("PF-Pascal@0.05",)) == ["75.0 [25.0, 100.0]"]
+
+
+def test_paired_table_of_constant_per_pair_differences_is_exact(tmp_path: Path) -> None:
+    from sd4match.uncertainty import BootstrapSettings
+    from sd4match.uncertainty_tables import paired_table, table2_comparisons
+
+    # every pair has 2 keypoints: Single gets 1 right, CPM 2, DIFT 0 -> per pair CPM - Single = +50, etc.
+    single = _evaluation(tmp_path, "single", {"aeroplane": [(1, 2)] * 4, "bicycle": [(1, 2)] * 3})
+    cpm = _evaluation(tmp_path, "cpm", {"aeroplane": _right(4), "bicycle": _right(3)})
+    dift = _evaluation(tmp_path, "dift", {"aeroplane": [(0, 2)] * 4, "bicycle": [(0, 2)] * 3}, method="nn")
+    comparisons = table2_comparisons(
+        {"dift": dift}, {"cpm": cpm, "single": single}, VARIANTS, "kernel_softmax", "nn"
+    )
+    table = paired_table(comparisons, BootstrapSettings())
+    assert list(table["method"]) == [
+        "SD4Match-CPM − SD4Match-Single", "SD4Match-Single − DIFT", "SD4Match-CPM − DIFT"
+    ]  # fmt: skip
+    assert list(table["matching"]) == ["kernel_softmax", "kernel_softmax vs nn", "kernel_softmax vs nn"]
+    assert _cells(table, "SD4Match-CPM − SD4Match-Single", "paired") == ["+50.0 [+50.0, +50.0]"] * 3
+    assert _cells(table, "SD4Match-Single − DIFT", "paired") == ["+50.0 [+50.0, +50.0]"] * 3
+    assert _cells(table, "SD4Match-CPM − DIFT", "paired") == ["+100.0 [+100.0, +100.0]"] * 3
+    assert math.isnan(table["Bird"].iloc[0]) and math.isnan(table["Bird_lo"].iloc[0])
+
+
+def test_paired_table_matches_the_paired_bootstrap_of_its_files(tmp_path: Path) -> None:
+    from sd4match.uncertainty import BootstrapSettings, paired_difference_from_files
+    from sd4match.uncertainty_tables import Comparison, paired_table
+
+    a = _evaluation(tmp_path, "a", {"aeroplane": _some_right(6, 4), "bicycle": _some_right(2, 3)})
+    b = _evaluation(tmp_path, "b", {"aeroplane": _some_right(3, 7), "bicycle": _some_right(4, 1)})
+    table = paired_table(
+        [Comparison("A", a, "kernel_softmax", "B", b, "kernel_softmax")], BootstrapSettings()
+    )
+    diff = paired_difference_from_files(
+        tmp_path / "a/per_pair.csv", tmp_path / "b/per_pair.csv", BootstrapSettings(),
+        methods=("kernel_softmax", "kernel_softmax"), alphas=[0.1],
+    ).set_index("category")  # fmt: skip
+    row = table.iloc[0]
+    assert row["Aero"] == pytest.approx(30.0) and row["Bike"] == pytest.approx(-40.0)
+    assert row["All"] == pytest.approx((6 + 2) / 15 * 100 - (3 + 4) / 15 * 100)
+    for short, category in (("Aero", "aeroplane"), ("Bike", "bicycle"), ("All", "All")):
+        got = (row[short], row[f"{short}_lo"], row[f"{short}_hi"])
+        cell = diff.loc[category]
+        assert got == (cell["diff_per_image"], cell["diff_per_image_lo"], cell["diff_per_image_hi"])
+
+
+def test_table_notes_count_the_pairs_and_name_the_interval_method(tmp_path: Path) -> None:
+    from sd4match.uncertainty import BootstrapSettings
+    from sd4match.uncertainty_tables import table_notes
+
+    spair = tmp_path / "spair_test.report.json"
+    report = {"dataset": "spair", "split": "test", "pairs_listed": 12234, "pairs_kept": 12232}
+    spair.write_text(json.dumps(report | {"skip_reasons": {"zero-area target bbox": 2}}))
+    willow = tmp_path / "pfwillow_test.report.json"
+    willow.write_text(
+        json.dumps({"dataset": "pfwillow", "split": "test", "pairs_listed": 900, "pairs_kept": 900})
+    )
+    notes = table_notes([spair, willow], BootstrapSettings(resamples=500, seed=3))
+    assert notes == [
+        "Pairs: SPair-71k test 12,232 of 12,234 (2 skipped: 2 zero-area target bbox); PF-Willow test 900 of "
+        "900.",
+        "Intervals: 95% percentile bootstrap over image pairs (500 resamples, seed 3), resampling pairs "
+        "within each category; per keypoint resamples pairs too (ratio estimator).",
+    ]
+    assert table_notes([willow], None, max_pairs=50) == [
+        "Pairs: PF-Willow test 900 of 900. Only the first 50 pairs of each test set were evaluated "
+        "(evaluation.max_pairs)."
+    ]
+    assert table_notes([]) == []
+
+
+def test_fig3a_each_case_against_case_1_and_the_paper_mark(tmp_path: Path) -> None:
+    from sd4match.figures import fig3a_table
+    from sd4match.uncertainty import BootstrapSettings
+    from sd4match.uncertainty_tables import fig3a_uncertainty, plain_cells
+
+    case1 = _evaluation(tmp_path, "c1", {"aeroplane": [(1, 2)] * 5})  # 50 on every pair
+    case2 = _evaluation(tmp_path, "c2", {"aeroplane": _right(5)})  # 100 on the same pairs
+    case2b = _evaluation(tmp_path, "c2b", {"aeroplane": _right(5)})
+    paths = {1: case1, 2: case2}
+    table = fig3a_table({case: pd.read_csv(path) for case, path in paths.items()}, "kernel_softmax")
+    out = fig3a_uncertainty(
+        table, paths, "kernel_softmax", BootstrapSettings(), seeds={2: {0: case2, 1: case2b}}
+    )
+    assert list(out["case"]) == list(table["case"]) and list(out["ours"].iloc[:2]) == [50.0, 100.0]
+    ours = plain_cells(out, "ours")
+    assert ours[:2] == ["50.0 [50.0, 50.0]", "100.0 [100.0, 100.0]"] and ours[2:] == ["-"] * 4
+    assert plain_cells(out, "vs_case_1")[:3] == ["-", "+50.0 [+50.0, +50.0]", "-"]
+    paper = list(out["paper"].iloc[:2])
+    delta = plain_cells(out, "delta")[:2]
+    assert delta == [f"{d:+.1f} [{d:+.1f}, {d:+.1f}] ✗" for d in (50.0 - paper[0], 100.0 - paper[1])]
+    assert plain_cells(out, "seeds")[:2] == ["-", "100.0 ± 0.0 (2 seeds)"]
+
+
+def test_html_and_caption_show_intervals_marks_and_notes(tmp_path: Path) -> None:
+    table = _table2_world(tmp_path)
+    notes = ["Pairs: SPair-71k test 12,232 of 12,234.", "Intervals: 95% percentile bootstrap (seed 0)."]
+    page = reporting.html_document(table, "Table 2", _provenance(demo=False), notes)
+    dift = next(
+        body for source, body in re.findall(r'<tr class="(\w+)">(.*?)</tr>', page) if "DIFT</td>" in body
+    )
+    assert '<td><strong>100.0</strong> <span class="ci">[100.0, 100.0]</span></td>' in dift
+    assert '<span class="ci">[+38.8, +38.8]</span> <span class="paper-out">✗</span>' in page
+    assert '<span class="paper-in">✓</span>' in page
+    assert '<tr class="seeds">' in page and '<span class="ci">± 7.1 (2 seeds)</span>' in page
+    assert '<tr class="released">' in page
+    assert all(f"<p>{note}</p>" in page for note in notes)
+    assert "All_lo" not in page and "paper_inside" not in page  # companions fold into their cells
+    caption = reporting.caption_rst(_provenance(demo=False), ["Pairs: 12,232 of 12,234 (`x`_)."])
+    assert "\n\nPairs: 12,232 of 12,234 (\\`x\\`\\_).\n\n" in caption
+
+
+def test_released_tables_carry_intervals_and_feed_tables_2_and_3(tmp_path: Path) -> None:
+    from sd4match.released_tables import (
+        read_released_summaries,
+        released_for_tables,
+        released_table2,
+        released_table3,
+    )
+    from sd4match.uncertainty import BootstrapSettings
+
+    paths = []
+    for dataset, category in (("pfpascal", "aeroplane"), ("pfwillow", "car"), ("spair", "aeroplane")):
+        paths.append(
+            _evaluation(tmp_path / "spair/single", dataset, {category: _right(3)}, alphas=(0.05, 0.1, 0.15))
+        )
+    paths.append(_evaluation(tmp_path / "spair/class", "spair", {"bicycle": _some_right(1, 1)}))
+    summaries = read_released_summaries(paths, BootstrapSettings(), "kernel_softmax")
+    table3 = released_table3(summaries, "kernel_softmax")
+    label = "SD4Match-Single (authors' released prompt, tuned on SPair-71k)"
+    assert _cells(table3, label, "ours", ("PF-Pascal@0.05", "SPair-71k@0.1")) == ["100.0 [100.0, 100.0]"] * 2
+    table2 = released_table2(summaries, "kernel_softmax")
+    assert _cells(table2[table2["method"].str.startswith("SD4Match-Class")], table2["method"].iloc[3], "ours",
+                  ("Bike", "All")) == ["50.0 [0.0, 100.0]"] * 2  # fmt: skip
+    table2_paths, table3_paths = released_for_tables(paths)
+    assert table2_paths == {"single": paths[2], "class": paths[3]}
+    assert sorted(table3_paths) == [
+        "spair/class/spair", "spair/single/pfpascal", "spair/single/pfwillow", "spair/single/spair"
+    ]  # fmt: skip
+
+
+def test_a_summary_and_a_per_pair_csv_of_different_runs_are_refused(tmp_path: Path) -> None:
+    from sd4match.table_cells import read_evaluation
+    from sd4match.uncertainty import BootstrapSettings
+
+    summary = _evaluation(tmp_path, "run", {"aeroplane": _some_right(3, 1)})
+    other = pd.read_csv(summary)
+    other.loc[other["category"] == "All", "pck_per_image"] = 80.0
+    other.to_csv(summary, index=False)
+    with pytest.raises(ValueError, match=r"summary.csv and per_pair.csv disagree on pck_per_image .* by 5"):
+        read_evaluation(summary, BootstrapSettings())
+    lost = _evaluation(tmp_path, "lost", {"car": _right(1)})
+    (tmp_path / "lost/per_pair.csv").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        read_evaluation(lost, BootstrapSettings())
+    assert str(tmp_path / "lost/per_pair.csv") in str(error.value)
+
+
 # ------------------------------------------------------------- issue 10: each row's protocol, like for like
 
 PEER_METHODS = {
@@ -1028,3 +1369,33 @@ def test_table3_and_the_zero_shot_dift_table_name_each_protocol(tmp_path: Path) 
         ("DIFT", "original frame (DIFT's eval)"), ("DIFT", "squashed frame")
     ]  # fmt: skip
     assert (table3["source"] == "delta").sum() == 1
+
+
+def test_peer_rows_by_their_own_protocols_carry_intervals_of_their_estimators(tmp_path: Path) -> None:
+    from sd4match.uncertainty import BootstrapSettings
+
+    # SD+DINO by sd-dino's protocol: Aero 3 pairs of 1 keypoint, all right; Bike 1 pair of 5 keypoints, all
+    # wrong. Its All is the pair-weighted mean of the categories' per-keypoint PCK, (3 * 100 + 0) / 4 = 75
+    # (pooled per keypoint: 37.5), and no resample moves it: [75.0, 75.0]; the paper's 59.3 lies outside
+    sddino = _evaluation(tmp_path, "sddino", {"aeroplane": _right(3, 1), "bicycle": [(0, 5)]}, method="nn")
+    dift = _evaluation(tmp_path, "dift_orig", {"aeroplane": _right(2), "bicycle": _right(2)}, method="nn")
+    table = reporting.table2_from_files(
+        {"dift_orig": dift, "sddino": sddino},
+        {},
+        VARIANTS,
+        "kernel_softmax",
+        "kernel_softmax",
+        zero_shot_protocols=reporting.zero_shot_protocols(PEER_METHODS),
+        intervals=BootstrapSettings(),
+    )
+    z = table[table["group"] == "Z"]
+    peer = z[(z["method"] == "SD+DINO") & (z["source"] == "ours")].iloc[0]
+    assert peer["protocol"] == "padded 840×840 (sd-dino's eval)"
+    assert _cells(z, "SD+DINO", "ours") == ["100.0 [100.0, 100.0]", "0.0 [0.0, 0.0]", "75.0 [75.0, 75.0]"]
+    delta = z[z["source"] == "delta"].iloc[1]  # DIFT's delta first, then SD+DINO's
+    assert delta["protocol"] == peer["protocol"]
+    assert _cells(delta.to_frame().T, "ours − paper", "delta", ("All",)) == ["+15.7 [+15.7, +15.7] ✗"]
+    assert _cells(z, "DIFT", "ours") == ["100.0 [100.0, 100.0]"] * 3
+    markdown = reporting.markdown_notes(table)
+    assert any(note.startswith("Protocols (`protocol` column)") for note in markdown)
+    assert any(note.startswith("`[lo, hi]` = the 95% bootstrap interval") for note in markdown)

@@ -212,6 +212,31 @@ def test_replicates_do_not_depend_on_chunking_row_order_or_other_categories():
     pd.testing.assert_series_equal(row(only_nn, "All"), row(reference, "All"), check_names=False)
 
 
+def test_category_weighted_all_has_the_interval_of_sd_dinos_estimator():
+    from sd4match.table_protocols import category_weighted_pck
+
+    # category a: 3 pairs of 1 keypoint, all right; b: 1 pair of 5 keypoints, all wrong. Pooled per keypoint
+    # All = 3 / 8 = 37.5; sd-dino's All = (3 * 100 + 1 * 0) / 4 = 75, and no replicate can move either
+    frame = per_pair([1, 1, 1, 0], n_kps=[1, 1, 1, 5], category=["a", "a", "a", "b"])
+    out = summary_with_intervals(frame)
+    assert category_weighted_pck(out, "nn", 0.1, "test") == 75.0
+    total = row(out, "All")
+    assert (total["pck_per_keypoint_lo"], total["pck_per_keypoint_hi"]) == (37.5, 37.5)
+    assert (total["pck_category_weighted_lo"], total["pck_category_weighted_hi"]) == (75.0, 75.0)
+    # a category's value under sd-dino's estimator is its per-keypoint PCK, and so is its interval
+    spread = per_pair([1, 0, 2, 1, 0, 1], n_kps=2, category=["a", "a", "a", "b", "b", "b"])
+    out = summary_with_intervals(spread, BootstrapSettings(resamples=300))
+    for category in ("a", "b"):
+        cell = row(out, category)
+        assert (cell["pck_category_weighted_lo"], cell["pck_category_weighted_hi"]) == (
+            cell["pck_per_keypoint_lo"],
+            cell["pck_per_keypoint_hi"],
+        )
+    # All: a = 50 and b = 33.3 with equal pair counts -> the mean of the two, inside its own interval
+    total = row(out, "All")
+    assert total["pck_category_weighted_lo"] <= (50.0 + 100.0 / 3) / 2 <= total["pck_category_weighted_hi"]
+
+
 def test_all_is_stratified_by_category_unless_asked_otherwise():
     frame = bernoulli(400, 0.7)  # one category: the stratified All is that category's bootstrap
     out = summary_with_intervals(frame)
@@ -403,3 +428,14 @@ def test_compact_formatting_and_paper_number_inside():
         "Intervals: 95% percentile bootstrap over image pairs (2000 resamples, seed 0), resampling pairs "
         "within each category; per keypoint resamples pairs too (ratio estimator)."
     )
+
+
+def test_bounds_and_seed_spread_parts_compose_the_compact_forms():
+    from sd4match.uncertainty import format_bounds, format_sd
+
+    assert format_bounds(74.6, 76.0) == "[74.6, 76.0]"
+    assert format_bounds(-0.3, 2.6, signed=True) == "[-0.3, +2.6]"
+    assert format_sd(math.sqrt(13.0), 3) == "± 3.6 (3 seeds)"
+    assert format_sd(float("nan"), 1) == "(1 seed)"
+    assert f"75.3 {format_bounds(74.6, 76.0)}" == format_interval(75.3, 74.6, 76.0)
+    assert f"73.0 {format_sd(math.sqrt(13.0), 3)}" == format_spread(73.0, math.sqrt(13.0), 3)

@@ -60,6 +60,9 @@ PAPER_JOBS = {
     "fetch_captioner": 1,
     "resolve_model": 5,  # SD 2-1, SD 1-5, DINOv2, DINO, CLIP ViT-L/14-336
     "pairs_table": 7,  # three test splits + SPair and PF-Pascal trn/val
+    # Tables 2 and 3 show the authors' released prompts: the import is a checkpoint, so a dry run plans it and
+    # their evaluations (evaluate_released_prompt) join the DAG once it has run
+    "import_released_prompts": 1,
     # DIFT x3, DIFT-empty, DINO x3, DINOv2 x3, SD+DINO x3, SD+DINO* x3 (Table 1), DIFT at 10 t (Fig. 3b):
     # Fig. 3b's DIFT point at t=261 is the main DIFT SPair job (same method, prompt, ensemble, seed), reused;
     # issue 10: + DIFT by its own protocol x3 (dift_orig) + SD+DINO in the 768 frame x3 (sddino_squashed)
@@ -97,10 +100,11 @@ def test_demo_dag_adds_only_the_demo_world(empty_workdir: Path):
     )
     # the demo world adds its archives, five tiny models and the tiny captioner; it sweeps 2 timesteps
     # (50, 261: SD4Match's t=50 and DIFT's t=261 points are the main evaluations, so one job of each sweep
-    # runs); it trains spair/single with a second seed (seeds_per_run), evaluated on the three test sets
+    # runs); it trains spair/single with a second seed (seeds_per_run), evaluated on the three test sets;
+    # it packs its own release of the authors' prompts (demo_released_prompts) for Tables 2 and 3
     demo = PAPER_JOBS | {"evaluate_zero_shot": 32 - 9, "evaluate_prompt_timestep": 1}
     demo |= {"train_prompt": 10 + 1, "evaluate_prompt": 18 + 3}
-    demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1}
+    demo |= {"demo_datasets": 1, "tiny_model": 5, "tiny_captioner": 1, "demo_released_prompts": 1}
     # and its custom dataset `shapes` (issue 11): written, linked, parsed; DINO, DINOv2, DIFT and SD+DINO;
     # every tuned prompt but Class (spair/single x 2 seeds, spair/cpm, pfpascal/single, pfpascal/cpm), whose
     # CPM runs need its DINOv2 tokens; its table
@@ -289,8 +293,8 @@ def test_slurm_profile_names_only_existing_rules():
 def planned_jobs(output: str) -> list[dict]:
     """The jobs of a (non-quiet) dry run: rule, output, log, benchmark, threads and resources of each."""
     jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \S+:\n)", output):
-        header = re.match(r"(?:local)?rule (\S+):\n", block)
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \S+:\n)", output):
+        header = re.match(r"(?:local)?(?:rule|checkpoint) (\S+):\n", block)
         if not header:
             continue
         fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.M))
@@ -548,11 +552,25 @@ def test_demo_and_paper_runs_never_share_a_log_or_benchmark(empty_workdir: Path)
     assert all(p.startswith(("logs/demo/", "benchmarks/demo/")) for p in demo)
 
 
-def _finished_demo_workdir(workdir: Path) -> None:
-    """Make every output of the demo DAG exist and record its job metadata (params) with --touch."""
+def _touch_planned_outputs(workdir: Path) -> None:
+    """Create every output of the jobs a dry run of the demo DAG plans; the released-prompt import
+    checkpoint's outputs are those of a finished import of the demo release, so its evaluations get planned
+    next."""
+    from sd4match.released_demo import PAPER_RELEASE
+
     plan = snakemake("-n", "-d", str(workdir), "--configfile", *DEMO_CONFIGS, cwd=workdir)
     assert plan.returncode == 0, plan.stderr[-3000:]
-    for job in planned_jobs(plan.stdout + plan.stderr):
+    jobs = planned_jobs(plan.stdout + plan.stderr)
+    # the import last: its outputs newer than its input (the demo release), so the next plan evaluates it
+    for job in sorted(jobs, key=lambda job: job["rule"] == "import_released_prompts"):
+        if job["rule"] == "import_released_prompts":
+            prompts, report = (workdir / output for output in job["output"])
+            for trainset, variant in PAPER_RELEASE:
+                (prompts / trainset / variant).mkdir(parents=True, exist_ok=True)
+                (prompts / trainset / variant / "prompt.safetensors").touch()
+            imported = [{"trainset": t, "variant": v} for t, v in PAPER_RELEASE]
+            report.write_text(json.dumps({"imported": imported}))
+            continue
         for output in job["output"]:
             path = workdir / output
             if job["rule"] == "tiny_model":
@@ -560,6 +578,12 @@ def _finished_demo_workdir(workdir: Path) -> None:
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
+
+
+def _finished_demo_workdir(workdir: Path) -> None:
+    """Make every output of the demo DAG exist and record its job metadata (params) with --touch."""
+    _touch_planned_outputs(workdir)
+    _touch_planned_outputs(workdir)  # the released prompts' evaluations, planned after the import
     # --forceall: touch every output in DAG order and record each job's params, as a finished run does
     configs = ("--configfile", *DEMO_CONFIGS)
     touched = snakemake("--touch", "--forceall", "--cores", "1", "-d", str(workdir), *configs, cwd=workdir)
@@ -635,7 +659,33 @@ def test_demo_dag_runs_end_to_end(demo_project: Path):
     # a delta for each zero-shot peer by its own protocol and each SD4Match variant; the 768 rows get none
     assert (table2["source"] == "delta").sum() == 4 + 3
     assert not table2["method"].str.contains(r"\((?:nn|kernel_softmax|soft_argmax)\)").any()
+    # issue 12: every number with its interval, the two seeds of spair/single, the authors' released prompts
+    assert ours["All_lo"].notna().all() and (ours["All_lo"] <= ours["All"] + 1e-9).all()
+    assert (ours["All"] <= ours["All_hi"] + 1e-9).all()
+    seeds = table2[table2["source"] == "seeds"]
+    assert list(seeds["method"]) == ["SD4Match-Single"] and list(seeds["n_seeds"]) == [2]
+    released = table2[table2["source"] == "released"]
+    assert list(released["method"]) == [f"{kind} (authors' released prompt)" for kind in
+                                        ("SD4Match-Single", "SD4Match-Class", "SD4Match-CPM")]  # fmt: skip
+    assert released["All_lo"].notna().all()
+    markdown = (out / "tables/table2.md").read_text()
+    assert re.search(
+        r"\| SD4Match-Single \| kernel_softmax \| seeds \| .* ± \d+\.\d \(2 seeds\) \|$", markdown, re.M
+    )
+    assert re.search(r"\| ours \| per image \| .*\d \[\d+\.\d, \d+\.\d\]", markdown)
+    assert re.search(r"\| delta \| per image \| .* [✓✗] \|$", markdown, re.M)
+    assert "Pairs: SPair-71k test " in markdown and "Intervals: 95% percentile bootstrap" in markdown
+    assert "Pairs: SPair-71k test " in (out / "report/table2.rst").read_text()
+    paired = pd.read_csv(out / "tables/paired.csv")
+    assert list(paired["method"])[:2] == [
+        "SD4Match-Class − SD4Match-Single",
+        "SD4Match-CPM − SD4Match-Single",
+    ]
+    assert paired["All_lo"].le(paired["All"] + 1e-9).all() and paired["All"].le(paired["All_hi"] + 1e-9).all()
+    fig3a = pd.read_csv(out / "tables/fig3a.csv")
+    assert fig3a["vs_case_1"].notna().sum() >= 1 and fig3a["ours_lo"].notna().sum() >= 2
     table3 = pd.read_csv(out / "tables/table3.csv")
+    assert {"seeds", "released"} <= set(table3["source"])
     tuned = table3[(table3["source"] == "ours") & (table3["group"] == "K")]
     assert sorted(zip(tuned["method"], tuned["trained_on"], strict=True)) == [
         ("SD4Match-CPM", "PF-Pascal"), ("SD4Match-CPM", "SPair-71k"),
@@ -714,6 +764,10 @@ def json_field(path: Path, key: str):  # noqa: ANN201
     return json.loads(path.read_text())[key]
 
 
+# a cell's number: bold or not, before its interval (<span class="ci">) when it has one
+CELL_NUMBER = r"<td[^>]*>(?:<strong>)?([^<]*?)(?:</strong>)?(?: <span|</td>)"
+
+
 def _table2_numbers(project: Path) -> list[str]:
     from render_report import expected_numbers
 
@@ -743,11 +797,12 @@ def test_demo_report_holds_every_table_and_figure(demo_project: Path):
     numbers = _table2_numbers(demo_project)
     assert len(numbers) > 100
     front = front_page_tables(report)
-    assert list(front)[:4] == [
+    assert list(front)[:5] == [
         "Table 1 — prompt types, SPair-71k PCK@0.1 (nn)", "Table 2 — SPair-71k PCK@0.1 per category",
+        "Table 2 — paired differences on SPair-71k, PCK@0.1 per category",
         "Table 3 — generalisation, PCK per image", "Zero-shot DIFT (nn matching) — paper Table 3 layout",
     ]  # fmt: skip
-    cells = re.findall(r"<td[^>]*>(?:<strong>)?(.*?)(?:</strong>)?</td>", front[list(front)[1]])
+    cells = re.findall(CELL_NUMBER, front[list(front)[1]])
     missing = [n for n in numbers if n not in cells]
     assert not missing, missing[:20]
     pages = {}
@@ -757,8 +812,9 @@ def test_demo_report_holds_every_table_and_figure(demo_project: Path):
         assert f"{name}.html" in pages, sorted(pages)
     for name in ("fig3a", "fig3b", "fig4", "fig5", "qualitative"):
         assert f"{name}.png" in pages and f"{name}.pdf" in pages, sorted(pages)
-    table2_cells = re.findall(r"<td[^>]*>(?:<strong>)?(.*?)(?:</strong>)?</td>", pages["table2.html"])
+    table2_cells = re.findall(CELL_NUMBER, pages["table2.html"])
     assert not [n for n in numbers if n not in table2_cells]
+    assert '<span class="ci">[' in pages["table2.html"] and "paired.html" in pages
     for label in ('"Tables"', '"Ablations"', '"Figures"', "Table 2: SPair-71k per category", "table (HTML)"):
         assert label in report, label
 
