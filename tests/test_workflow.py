@@ -729,6 +729,24 @@ def test_demo_dag_runs_end_to_end(demo_project: Path):
 
 
 @pytest.mark.slow
+def test_demo_release_is_fetched_imported_evaluated_and_tabled(demo_project: Path):
+    """The demo `all` packs its release zip, imports it and evaluates the 13 released prompts (Tables 2-3);
+    `released_tables` then only writes its two tables (it never trains: test_released_prompts' dry run)."""
+    from sd4match.released_demo import PAPER_RELEASE
+
+    result = run_in(demo_project, "released_tables", "--profile", "profiles/demo")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    out = demo_project / "results/demo"
+    report = json.loads((out / "released/import_report.json").read_text())
+    assert sorted((e["trainset"], e["variant"]) for e in report["imported"]) == sorted(PAPER_RELEASE)
+    assert report["missing"] == ["Class_pfpascal_sd2-1_TokenEmbeds75"]
+    assert len(list((out / "released").glob("*/*/*/summary.csv"))) == 13
+    table3 = pd.read_csv(out / "tables/released_table3.csv")
+    assert (table3["source"] == "ours").sum() == 4 and (table3["source"] == "paper").sum() == 4
+    assert "DEMO RUN" in (out / "tables/released_table2.md").read_text()
+
+
+@pytest.mark.slow
 def test_demo_custom_dataset_table_and_readme_match_command(demo_project: Path):
     """The demo's custom dataset went through the DAG, and the README's `sd4match match` command runs as
     written after the demo (its picture and its JSON on stdout)."""
