@@ -393,7 +393,9 @@ def zero_shot_work(job: DagJob, ctx: Context) -> JobWork:
     """``evaluate_zero_shot``: DIFT (kind sd), DINO/DINOv2 (vit), SD+DINO(*) (sd_dino)."""
     method, work = job.params["method"], JobWork()
     counts = ctx.test_counts(job.wildcards["dataset"])
-    if method["kind"] == "sd":
+    if method["kind"] == "sd" and method.get("protocol") == "original":
+        original_frame_dift_work(ctx, work, method, job.params["image_size"], counts)
+    elif method["kind"] == "sd":
         arch, size = ctx.arch(method["model"]), job.params["image_size"]
         templated = "{category}" in method["prompt"]
         per_image_sd_work(ctx, work, arch, size, counts, method["ensemble"], templated)
@@ -407,6 +409,21 @@ def zero_shot_work(job: DagJob, ctx: Context) -> JobWork:
     else:
         raise ValueError(f"projection: zero-shot kind {method['kind']!r} has no work model")
     return work
+
+
+def original_frame_dift_work(
+    ctx: Context, work: JobWork, method: dict, size: int, counts: SplitCounts
+) -> None:
+    """DIFT's own protocol (``peer_protocols.dift_feature_fn``): each of the ``ensemble`` copies of an image
+    has its own VAE sample, encoded in the job (no test latent cache); one prompt per category. Its matching
+    in the original frame is counted like the squashed frame's scoring (an approximation: the per-target
+    norm map is one more pass over the upsampled map per target image)."""
+    arch, ensemble, meter = ctx.arch(method["model"]), method["ensemble"], ctx.meter
+    work.gpu("unet", counts.images * ensemble, meter.unet_truncated(arch, size))
+    work.gpu("vae", counts.images * ensemble, meter.vae_encode(arch, size))
+    work.cpu("load images", counts.images, ctx.cpu.load_image_s(size))
+    work.gpu("text", counts.categories if ctx.code.text_dedup else counts.images, meter.text(arch))
+    ctx.score(work, counts.pairs, 1280, size // 16, _methods(ctx))
 
 
 def sd_dino_work(job: DagJob, ctx: Context, work: JobWork, counts: SplitCounts) -> None:

@@ -200,6 +200,9 @@ def test_evaluation_and_training_work_of_the_paper(paper_dag):
     cpm = W.job_work(by_label["evaluate_prompt[dataset=spair,seed=0,trainset=spair,variant=cpm]"], ctx)
     # the pair's one CPM prompt conditions both images: encoded once per pair
     assert cpm.passes == {"unet": 12_234 * 2 * 8, "text": 12_234, "cpm prompt": 12_234}
+    # DIFT's own protocol: a VAE sample per ensemble copy, encoded in the job; one prompt per category (18)
+    orig = W.job_work(by_label["evaluate_zero_shot[dataset=spair,method=dift_orig]"], ctx)
+    assert orig.passes == {"unet": 481 * 8, "vae": 481 * 8, "text": 18}
     cache = W.job_work(by_label["test_latent_cache[dataset=spair,model=sd21]"], ctx)
     assert cache.passes == {"vae": 481} and cache.cpu_s == {"load images": 481 * 0.25}
     partial = _context(config, W.CODE_PRESETS["partial"])  # each evaluation job encoded its own images
