@@ -322,6 +322,7 @@ def bench_projection(
             f"{name}_h100_hours": result.total_gpu_hours,
             f"{name}_cpu_hours_while_held": result.total_cpu_hours,
             f"{name}_cpu_fraction": result.cpu_fraction,
+            f"{name}_unprojected_jobs": float(len(result.unprojected)),
         }
     settings = {
         "configfiles": list(configfiles),

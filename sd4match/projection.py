@@ -13,12 +13,21 @@ import math
 import os
 from collections.abc import Sequence
 from contextlib import chdir
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sd4match.flops import FlopMeter
-from sd4match.workload import CodePaths, Context, CpuCosts, DagJob, DatasetCounts, JobWork, job_work
+from sd4match.workload import (
+    CodePaths,
+    Context,
+    CpuCosts,
+    DagJob,
+    DatasetCounts,
+    JobWork,
+    UnknownCounts,
+    job_work,
+)
 
 H100_DENSE_BF16_FLOPS = 989e12  # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16/FP16 tensor cores
 DEFAULT_MFU = 0.40
@@ -93,6 +102,7 @@ class Projection:
     peak_flops: float
     code: CodePaths
     count_sources: dict[str, str]
+    unprojected: list[str] = field(default_factory=list)  # GPU jobs on splits that cannot be counted yet
 
     def gpu_hours(self, flops: float) -> float:
         """Hours of one GPU at ``mfu`` x ``peak_flops``."""
@@ -143,8 +153,15 @@ def project(
         raise ValueError(f"projection: mfu must be in (0, 1], got {mfu}")
     code = CodePaths() if code is None else code
     ctx = Context(config, counts, meter or FlopMeter(), cpu, code)
-    costs = [JobCost(job, job_work(job, ctx)) for job in jobs if job.gpu > 0]
-    return Projection(costs, mfu, peak_flops, code, dict(counts.sources))
+    costs, unknown = [], []
+    for job in jobs:
+        if job.gpu <= 0:
+            continue
+        try:
+            costs.append(JobCost(job, job_work(job, ctx)))
+        except UnknownCounts:  # said in the output, never counted as zero
+            unknown.append(job.label)
+    return Projection(costs, mfu, peak_flops, code, dict(counts.sources), unknown)
 
 
 def markdown(projection: Projection, per_job: bool = True) -> str:
@@ -173,4 +190,10 @@ def markdown(projection: Projection, per_job: bool = True) -> str:
         f"Total GPU work {p.total_flops / 1e18:.2f} EFLOP = {p.total_gpu_hours:.2f} H100-hours; CPU work "
         f"while a GPU is held {p.total_cpu_hours:.2f} h = {p.cpu_fraction:.1%} of the GPU time.",
     ]
+    if p.unprojected:
+        lines += [
+            "",
+            f"Not projected ({len(p.unprojected)} GPU jobs on splits with no pairs table yet and no "
+            f"published counts; build their pairs tables and rerun): {', '.join(p.unprojected)}.",
+        ]
     return "\n".join(lines)

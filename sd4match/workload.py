@@ -89,6 +89,11 @@ PUBLISHED_COUNTS: dict[tuple[str, str], SplitCounts] = {
 PUBLISHED_TRNVAL_IMAGES = {"spair": 1_319, "pfpascal": 2_221}
 
 
+class UnknownCounts(ValueError):
+    """A split the projection cannot count: no pairs table yet and no published counts (a custom dataset
+    before its pairs table is built)."""
+
+
 class DatasetCounts:
     """Counts from the DAG's pairs tables where they exist (``<results_dir>/pairs``), else published ones."""
 
@@ -121,7 +126,7 @@ class DatasetCounts:
             self.sources[f"{dataset}_{split}"] = "pairs table"
             return SplitCounts(len(table), len(self._keys(table)), table["category"].nunique())
         if (dataset, split) not in PUBLISHED_COUNTS:
-            raise ValueError(f"projection: no pairs table and no published counts for {dataset} {split}")
+            raise UnknownCounts(f"projection: no pairs table and no published counts for {dataset} {split}")
         counts = PUBLISHED_COUNTS[dataset, split]
         self.sources[f"{dataset}_{split}"] = "published"
         if max_pairs is None or max_pairs >= counts.pairs:

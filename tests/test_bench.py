@@ -457,6 +457,10 @@ def test_projection_cli_on_the_demo_config(tmp_path, capsys):
         "## Projection, code paths: before" in printed
         and "train_prompt[seed=0,trainset=spair,variant=cpm]" in printed
     )
+    # the demo's custom dataset has no pairs table before the demo runs and no published counts: its jobs
+    # are listed as not projected, never counted as zero
+    assert metrics["current_unprojected_jobs"] > 0
+    assert "Not projected (" in printed and "evaluate_zero_shot[dataset=shapes,method=dift]" in printed
 
 
 # ----------------------------------------------------------------------------------------- GPU check
