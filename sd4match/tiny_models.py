@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from sd4match.datasets import PFPASCAL_CLASSES, PFWILLOW_CLASSES, SPAIR_CATEGORIES
-from sd4match.io import write_json_atomic, write_text_atomic
+from sd4match.io import owner_tag, sweep_leftovers, temp_prefix, write_json_atomic, write_text_atomic
 from sd4match.prompts import category_phrase
 
 # The category words the tiny tokenizer must know: the three benchmarks' categories (sd4match.datasets).
@@ -58,15 +58,19 @@ VARIANTS = ("sd21", "sd15")
 
 @contextlib.contextmanager
 def _atomic_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; move it onto ``out_dir`` only if the block succeeds."""
+    """Yield a temporary folder beside ``out_dir``; move it onto ``out_dir`` only if the block succeeds.
+    Folders a killed writer of ``out_dir`` left (``.<name>.<host>-<pid>.*``) are swept first."""
     target = Path(out_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    sweep_leftovers(target.parent, temp_prefix(target), ".tmp")
+    sweep_leftovers(target.parent, temp_prefix(target), ".old")
+    prefix = f"{temp_prefix(target)}{owner_tag()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
     tmp.chmod(0o755)
     try:
         yield tmp
         if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            trash = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=target.parent))
             os.replace(target, trash / target.name)
             os.replace(tmp, target)
             shutil.rmtree(trash)

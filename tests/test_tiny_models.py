@@ -199,3 +199,23 @@ def test_rebuild_replaces_folder_and_bad_variant_fails(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown tiny model 'sdxl'"):
         build_tiny_model("sdxl", tmp_path / "x")
     assert _relative_files(build_tiny_model("dino", tmp_path / "dino", seed=1)) == TRANSFORMERS_FILES
+
+
+def test_a_killed_builds_staging_folders_are_swept_by_the_next_build(tmp_path: Path) -> None:
+    """A tiny-model job killed mid-write leaves `.sd.<host>-<pid>.*.tmp` (and a replaced folder's `.old`):
+    the next build of the same folder removes those of dead processes on this host, and nothing else."""
+    import subprocess
+    import sys
+
+    from sd4match.io import owner_tag
+
+    host = owner_tag().rsplit("-", 1)[0]
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)  # fmt: skip
+    killed = tmp_path / f".sd.{host}-{dead}.k2j4x9_a.tmp"
+    trash = tmp_path / f".sd.{host}-{dead}.q8w7e6r5.old"
+    other_host = tmp_path / ".sd.node17-4242.abcdefgh.tmp"
+    for folder in (killed, trash, other_host):
+        (folder / "unet").mkdir(parents=True)
+    build_tiny_stable_diffusion(tmp_path / "sd", seed=0, variant="sd15")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["sd", other_host.name])
