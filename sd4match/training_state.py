@@ -15,6 +15,7 @@ and Class categories, the content of the pairs tables and caches, and the model 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -260,10 +261,14 @@ def require_finite_prompt(prompt: Mapping[str, Tensor], step: int) -> None:
 
 
 def write_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """Write a checkpoint atomically; its prompt must be finite."""
+    """Write a checkpoint atomically; its prompt must be finite. Serialised in memory first (a prompt and
+    its Adam state: a few MB) so that a full disk is an OSError naming the checkpoint, not torch's writer
+    error."""
     require_finite_prompt(state["prompt"], int(state["step"]))
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
     with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 @dataclass

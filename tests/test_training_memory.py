@@ -80,3 +80,25 @@ def test_a_configured_number_is_kept_and_auto_splits_over_processes(sd21_folder,
         auto.accumulation_steps(1)
     with pytest.raises(ValueError, match="per_device_batch must be a positive integer or 'auto', got 'big'"):
         TrainSettings(variant="single", per_device_batch="big")
+
+
+def test_a_checkpoint_on_a_full_disk_is_an_error_naming_it(tmp_path, monkeypatch) -> None:
+    """torch's own writer reports ENOSPC as a RuntimeError without the path: the checkpoint is serialised in
+    memory, so a full disk is an OSError naming the checkpoint, and no partial file is left behind."""
+    import errno
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from sd4match.training_state import write_checkpoint
+
+    def full(self, data):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    target = tmp_path / "checkpoints/checkpoint.pt"
+    with pytest.raises(OSError, match="checkpoint.pt") as info:
+        write_checkpoint(target, {"step": 3, "prompt": {"embeds": torch.zeros(2, 4)}})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
