@@ -1399,7 +1399,7 @@ def custom_entries_from_files(
     """Entries of the custom table from summary files keyed ``<method>`` (zero-shot) and
     ``<trainset>/<variant>/<seed>`` (tuned prompts, every seed)."""
     entries = [
-        CustomEntry(ZERO_SHOT_PAPER_ROWS.get(method, method), None, None, zero_shot_matching, _read(path))
+        CustomEntry(ZERO_SHOT_LABELS.get(method, method), None, None, zero_shot_matching, _read(path))
         for method, path in zero_shot.items()
     ]
     for key, path in sd4match.items():

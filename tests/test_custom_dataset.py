@@ -20,7 +20,7 @@ from sd4match.data_sources import acquire_dataset, read_location, write_location
 from sd4match.datasets import build_pairs, read_pairs_table, validate_pairs_table, write_pairs_table
 from sd4match.demo_world import DemoWorldSpec, demo_custom_images, make_custom_dataset
 from sd4match.evaluation import MatchingSettings, score_predictions
-from sd4match.reporting import CustomEntry, custom_table, custom_title
+from sd4match.reporting import CustomEntry, custom_entries_from_files, custom_table, custom_title
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "pair_id,category,source,target,source_kps,target_kps,source_bbox,target_bbox"
@@ -301,3 +301,21 @@ def test_custom_table_lists_every_method(tmp_path: Path):
     with pytest.raises(ValueError, match="summary mine / DIFT: expected exactly one row .* alpha=0.2"):
         custom_table(entries[:1], (0.2,), "mine")
     assert np.isclose(table["PCK@0.1 per image"].iloc[1], 25.0)
+
+
+def test_custom_entries_label_zero_shot_rows_by_method_and_tuned_rows_by_variant(tmp_path: Path):
+    """Config names become the tables' labels: dift and sddino_squashed (the squashed-frame peers a custom
+    dataset takes) read DIFT and SD+DINO; a tuned prompt its variant's label, training set and seed."""
+    path = tmp_path / "summary.csv"
+    _summary([("All", "nn", 0.1, 4, 20, 20.0, 24.0)]).to_csv(path, index=False)
+    entries = custom_entries_from_files(
+        {"dift": str(path), "sddino_squashed": str(path), "dino": str(path)},
+        {"spair/cpm/1": str(path)},
+        {"cpm": {"kind": "cpm"}},
+        "kernel_softmax",
+        "nn",
+    )
+    assert [(e.method, e.trained_on, e.seed, e.matching) for e in entries] == [
+        ("DIFT", None, None, "nn"), ("SD+DINO", None, None, "nn"), ("DINO", None, None, "nn"),
+        ("SD4Match-CPM", "spair", 1, "kernel_softmax"),
+    ]  # fmt: skip

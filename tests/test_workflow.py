@@ -656,8 +656,9 @@ def test_demo_dag_runs_end_to_end(demo_project: Path):
         "squashed frame", "squashed frame", "original frame (DIFT's eval)", "padded 112×112 (sd-dino's eval)",
         *["squashed frame"] * 5,
     ]  # fmt: skip
-    # a delta for each zero-shot peer by its own protocol and each SD4Match variant; the 768 rows get none
-    assert (table2["source"] == "delta").sum() == 4 + 3
+    # a delta for each zero-shot peer by its own protocol, each SD4Match variant and each released prompt
+    # (released - paper); the 768 rows get none
+    assert (table2["source"] == "delta").sum() == 4 + 3 + 3
     assert not table2["method"].str.contains(r"\((?:nn|kernel_softmax|soft_argmax)\)").any()
     # issue 12: every number with its interval, the two seeds of spair/single, the authors' released prompts
     assert ours["All_lo"].notna().all() and (ours["All_lo"] <= ours["All"] + 1e-9).all()
