@@ -18,6 +18,7 @@ from sd4match.datasets import PFWILLOW_CLASSES, load_image, parse_pfwillow
 from sd4match.demo_world import DemoWorldSpec, make_pfwillow
 from sd4match.evaluation import (
     ImageKey,
+    ImageLatents,
     _chunk_seed,
     _LatentMemo,
     _pair_keys,
@@ -97,7 +98,7 @@ def old_text_prompt_features(featurizer, prompt, root, image_size, timestep, ens
 
 def old_cpm_features(pairs, module, featurizer, dino, root, timestep, ensemble, seed, pair_batch):
     """The CPM path before issue 9: ``encode_sequence(cat([src, trg]))`` per batch -> {pair_id: features}."""
-    memo = _LatentMemo(featurizer, root, S, seed)
+    memo = _LatentMemo(ImageLatents(featurizer, root, S), seed)
     rows, out = list(pairs.itertuples()), {}
     for start in range(0, len(rows), pair_batch):
         chunk = rows[start : start + pair_batch]
