@@ -221,6 +221,12 @@ rule table_custom:
     input:
         zero_shot=lambda wc: list(custom_zero_shot_summaries(wc.custom).values()),
         sd4match=lambda wc: list(custom_sd4match_summaries(wc.custom).values()),
+        per_pair=lambda wc: per_pairs_of(
+            [
+                *custom_zero_shot_summaries(wc.custom).values(),
+                *custom_sd4match_summaries(wc.custom).values(),
+            ]
+        ),
         pairs_report=f"{OUT}/pairs/{{custom}}_test.report.json",
         models=[model_record(m) for m in ALL_MODELS],
     output:

@@ -1361,10 +1361,14 @@ def _custom_column(alpha: float, column: str) -> str:
 
 def custom_table(entries: list[CustomEntry], alphas: tuple[float, ...], name: str) -> pd.DataFrame:
     """One row per method on the custom dataset ``name``: PCK per image and per keypoint at each alpha, then
-    PCK@0.1 per image of each category when there are several (in %, from the summaries' ``All`` rows)."""
+    PCK@0.1 per image of each category when there are several (in %, from the summaries' ``All`` rows); each
+    cell with its bootstrap interval when the summaries carry bounds (``custom_entries_from_files``)."""
     if not entries:
         raise ValueError(f"custom_table {name}: no methods to list")
     categories = sorted(set(entries[0].summary["category"]) - {ALL_CATEGORY})
+    columns = [_custom_column(alpha, column) for column in PCK_VARIANTS for alpha in alphas]
+    if len(categories) > 1:
+        columns += [f"{category}@{CUSTOM_ALPHA:g}" for category in categories]
     rows = []
     for entry in entries:
         where = f"{name} / {entry.method}"
@@ -1375,18 +1379,15 @@ def custom_table(entries: list[CustomEntry], alphas: tuple[float, ...], name: st
             TRAINED_ON_COLUMN: trained,
             "seed": "-" if entry.seed is None else str(entry.seed),
         }
-        for column in PCK_VARIANTS:
-            for alpha in alphas:
-                row[_custom_column(alpha, column)] = summary_pck(
-                    entry.summary, ALL_CATEGORY, entry.matching, alpha, where, column
-                )
+        cells = [(_custom_column(a, kind), ALL_CATEGORY, a, kind) for kind in PCK_VARIANTS for a in alphas]
         if len(categories) > 1:
-            for category in categories:
-                row[f"{category}@{CUSTOM_ALPHA:g}"] = summary_pck(
-                    entry.summary, category, entry.matching, CUSTOM_ALPHA, where
-                )
+            cells += [(f"{c}@{CUSTOM_ALPHA:g}", c, CUSTOM_ALPHA, "pck_per_image") for c in categories]
+        for header, category, alpha, kind in cells:
+            row[header] = summary_pck(entry.summary, category, entry.matching, alpha, where, kind)
+            row |= bound_cells(header, entry.summary, category, entry.matching, alpha, where, kind)
         rows.append(row)
-    return pd.DataFrame(rows)
+    labels = [*LABEL_COLUMNS, TRAINED_ON_COLUMN, "seed"]
+    return pd.DataFrame(rows, columns=[*labels, *arranged_columns(columns, rows)])
 
 
 def custom_entries_from_files(
@@ -1395,17 +1396,26 @@ def custom_entries_from_files(
     variants: dict[str, dict[str, Any]],
     matching: str,
     zero_shot_matching: str,
+    intervals: BootstrapSettings | None = None,
+    alphas: Sequence[float] | None = None,
 ) -> list[CustomEntry]:
     """Entries of the custom table from summary files keyed ``<method>`` (zero-shot) and
-    ``<trainset>/<variant>/<seed>`` (tuned prompts, every seed)."""
+    ``<trainset>/<variant>/<seed>`` (tuned prompts, every seed); with ``intervals``, each summary carries
+    the bootstrap bounds of the cells the table prints (its matching at ``alphas`` and the per-category
+    alpha), from the per-pair CSV beside it."""
+    cell_alphas = None if alphas is None else sorted({*map(float, alphas), CUSTOM_ALPHA})
+
+    def read(path: str, method: str) -> pd.DataFrame:
+        return read_evaluation(path, intervals, [method], cell_alphas)
+
     entries = [
-        CustomEntry(ZERO_SHOT_LABELS.get(method, method), None, None, zero_shot_matching, _read(path))
-        for method, path in zero_shot.items()
+        CustomEntry(ZERO_SHOT_LABELS.get(m, m), None, None, zero_shot_matching, read(p, zero_shot_matching))
+        for m, p in zero_shot.items()
     ]
     for key, path in sd4match.items():
         trainset, variant, seed = key.split("/")
         label = variant_label(variants[variant]["kind"], variant)
-        entries.append(CustomEntry(label, trainset, int(seed), matching, _read(path)))
+        entries.append(CustomEntry(label, trainset, int(seed), matching, read(path, matching)))
     return entries
 
 

@@ -319,3 +319,45 @@ def test_custom_entries_label_zero_shot_rows_by_method_and_tuned_rows_by_variant
         ("DIFT", None, None, "nn"), ("SD+DINO", None, None, "nn"), ("DINO", None, None, "nn"),
         ("SD4Match-CPM", "spair", 1, "kernel_softmax"),
     ]  # fmt: skip
+
+
+def _evaluation(folder: Path, method: str, correct: dict[str, list[int]], alphas=(0.05, 0.1)) -> str:
+    """A per-pair CSV (one keypoint per pair, ``correct[category]`` per pair, every alpha) and its summary."""
+    from sd4match.metrics import PER_PAIR_COLUMNS, summarise
+
+    rows = [
+        {"pair_id": f"{cat}{i}", "category": cat, "method": method, "alpha": a, "n_kps": 1,
+         "n_correct": c, "threshold": 10.0, "pck": 100.0 * c}
+        for cat, values in correct.items() for i, c in enumerate(values) for a in alphas
+    ]  # fmt: skip
+    per_pair = pd.DataFrame(rows, columns=list(PER_PAIR_COLUMNS))
+    folder.mkdir(parents=True)
+    per_pair.to_csv(folder / "per_pair.csv", index=False)
+    summarise(per_pair).to_csv(folder / "summary.csv", index=False)
+    return str(folder / "summary.csv")
+
+
+def test_custom_table_prints_each_pck_with_its_bootstrap_interval(tmp_path: Path):
+    """Issue 12 on custom datasets: intervals from the per-pair CSVs. Closed form: all-correct pairs give
+    [100, 100]; with pairs resampled within each category, two always-right car pairs and two always-wrong cat
+    pairs give All = 50 in every resample, so [50, 50] per image and per keypoint."""
+    from sd4match.reporting import markdown_table
+    from sd4match.uncertainty import BootstrapSettings
+
+    dino = _evaluation(tmp_path / "dino", "nn", {"car": [1, 1], "cat": [1, 1]})
+    cpm = _evaluation(tmp_path / "cpm", "kernel_softmax", {"car": [1, 1], "cat": [0, 0]})
+    entries = custom_entries_from_files(
+        {"dino": dino}, {"spair/cpm/0": cpm}, {"cpm": {"kind": "cpm"}}, "kernel_softmax", "nn",
+        intervals=BootstrapSettings(), alphas=[0.05],
+    )  # fmt: skip
+    table = custom_table(entries, (0.05,), "mine")
+    cells = ["PCK@0.05 per image", "PCK@0.05 per keypoint", "car@0.1", "cat@0.1"]
+    assert list(table.columns[7:]) == [f"{c}{s}" for c in cells for s in ("", "_lo", "_hi")]
+    assert table.iloc[0, 7:].tolist() == [100.0] * 12
+    assert table.iloc[1, 7:].tolist() == [50.0] * 6 + [100.0] * 3 + [0.0] * 3
+    assert (
+        "| 50.0 [50.0, 50.0] | 50.0 [50.0, 50.0] | 100.0 [100.0, 100.0] | 0.0 [0.0, 0.0] |"
+        in markdown_table(table)
+    )
+    plain = custom_entries_from_files({"dino": dino}, {}, {}, "kernel_softmax", "nn")
+    assert not any(c.endswith("_lo") for c in custom_table(plain, (0.05,), "mine").columns)

@@ -763,7 +763,11 @@ def test_demo_custom_dataset_table_and_readme_match_command(demo_project: Path):
         ("SD4Match-CPM", "PF-Pascal", "0"),
     }  # fmt: skip
     assert len(table) == 9 and list(table["method"])[:4] == ["DINO", "DINOv2", "DIFT", "SD+DINO"]
-    assert "DEMO RUN" in (out / "tables/custom_shapes.md").read_text()
+    markdown = (out / "tables/custom_shapes.md").read_text()
+    assert "DEMO RUN" in markdown and "Intervals: 95% percentile bootstrap over image pairs" in markdown
+    for column in ("PCK@0.1 per image", "PCK@0.1 per keypoint"):
+        lo, hi = table[f"{column}_lo"], table[f"{column}_hi"]
+        assert ((lo <= table[column]) & (table[column] <= hi)).all()
     pairs = pd.read_parquet(out / "pairs/shapes_test.parquet")
     predictions = pd.read_parquet(out / "sd4match/spair/cpm/seed0/shapes/predictions.parquet")
     assert len(predictions) == 3 * pairs["n_kps"].sum()
