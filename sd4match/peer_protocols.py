@@ -32,7 +32,7 @@ from torch import Tensor
 from sd4match.datasets import load_image
 from sd4match.evaluation import FeatureFn, ImageKey, image_seed
 from sd4match.features import SDFeaturizer, sample_latents
-from sd4match.frames import original_targets, padded_targets, score_targets
+from sd4match.frames import original_targets, pad_geometry, padded_targets, score_targets
 from sd4match.matching import cosine_maps, ieee_fp32_matmul, nearest_neighbour
 from sd4match.metrics import PairScore
 from sd4match.prompts import CategoryPromptEncoder, PromptSource
@@ -164,6 +164,7 @@ class OriginalFrameScorer:
     """
 
     alphas: tuple[float, ...]
+    predictions: Any = field(default=None, repr=False, compare=False)  # a ``predictions.PredictionLog``
     _norms: dict[tuple[str, str, bool], Tensor] = field(default_factory=dict, repr=False)
 
     def target_norms(self, row: Any, trg_feature: Tensor, size: tuple[int, int]) -> Tensor:
@@ -181,6 +182,8 @@ class OriginalFrameScorer:
         desc = pixel_centre_descriptors(src_feature.float(), targets[0], row.src_width, row.src_height)
         cosine = original_frame_cosine(desc, trg_feature, size, self.target_norms(row, trg_feature, size))
         prediction = nearest_neighbour(cosine).cpu()
+        if self.predictions is not None:  # original-frame pixels already
+            self.predictions.add_original(row, {"nn": prediction})
         return score_targets(row, targets, {"nn": prediction}, self.alphas, rule="ratio_le")
 
 
@@ -236,6 +239,7 @@ class PaddedFrameScorer:
     frame: int
     alphas: tuple[float, ...]
     grid: PatchGrid | None = None
+    predictions: Any = field(default=None, repr=False, compare=False)  # a ``predictions.PredictionLog``
 
     def patch_grid(self, side: int) -> PatchGrid:
         """The grid of features with ``side`` cells per side."""
@@ -251,4 +255,7 @@ class PaddedFrameScorer:
         desc = src_feature[:, cells[:, 1], cells[:, 0]].T.float()  # (K, C): the patch holding each keypoint
         cosine = cosine_maps(desc[None], F.normalize(trg_feature[None].float(), dim=1))
         prediction = grid.centres(nearest_neighbour(cosine)[0]).cpu()
+        if self.predictions is not None:  # back from the padded square to the original target frame
+            geometry = pad_geometry(row.trg_width, row.trg_height, self.frame)
+            self.predictions.add_original(row, {"nn": geometry.from_padded(prediction.double())})
         return score_targets(row, targets, {"nn": prediction}, self.alphas, rule="lt")

@@ -3,7 +3,9 @@
 Every evaluation writes, beside ``per_pair.csv``, one row per (pair, matching method, keypoint): the source
 keypoint and the ground-truth target keypoint as the pairs table holds them, and the predicted target point
 mapped back from the squashed ``S x S`` frame to the original target frame by :func:`from_squashed_frame`
-(``x * W / S``, ``y * H / S``, float64). ``sd4match match`` returns the same numbers for the same pair.
+(``x * W / S``, ``y * H / S``, float64). ``sd4match match`` returns the same numbers for the same pair. A
+peer's own protocol records its points already in the original frame (``PredictionLog.add_original``):
+DIFT's are original-frame pixels, sd-dino's padded-square points are mapped back by ``PadGeometry``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def from_squashed_frame(points: Any, width: float, height: float, image_size: in
     return arr * np.array([width / image_size, height / image_size], dtype=np.float64)
 
 
+def _float64(points: Any) -> np.ndarray:
+    """``(K, 2)`` points as a float64 array (tensors leave their device)."""
+    if isinstance(points, torch.Tensor):
+        points = points.detach().cpu().double().numpy()
+    return np.asarray(points, dtype=np.float64).reshape(-1, 2)
+
+
 class PredictionLog:
     """Collects the predictions of an evaluation batch by batch (``add``) and gives them as one frame in the
     pairs table's order (``frame``), whatever order the evaluation visited the pairs in."""
@@ -60,28 +69,47 @@ class PredictionLog:
     def add(self, rows: Sequence[Any], predictions: Sequence[dict[str, torch.Tensor]]) -> None:
         """Record the (K, 2) S-frame predictions of each pairs-table row (``itertuples`` rows), per method."""
         for row, per_method in zip(rows, predictions, strict=True):
-            src = np.asarray(row.src_kps, dtype=np.float64).reshape(-1, 2)
-            trg = np.asarray(row.trg_kps, dtype=np.float64).reshape(-1, 2)
-            k = len(src)
-            for method, pred in per_method.items():
-                if len(pred) != k:
-                    raise ValueError(
-                        f"pair {row.pair_id!r}: {len(pred)} {method} predictions for {k} keypoints"
-                    )
-                orig = from_squashed_frame(pred, row.trg_width, row.trg_height, self.image_size)
-                columns = {
-                    "pair_id": np.full(k, str(row.pair_id), dtype=object),
-                    "category": np.full(k, row.category, dtype=object),
-                    "method": np.full(k, method, dtype=object),
-                    "kp": np.arange(k, dtype=np.int64),
-                    "src_x": src[:, 0],
-                    "src_y": src[:, 1],
-                    "pred_x": orig[:, 0],
-                    "pred_y": orig[:, 1],
-                    "trg_x": trg[:, 0],
-                    "trg_y": trg[:, 1],
-                }
-                self._parts.append((int(row.Index), columns))
+            self._check(row, per_method)
+            self._record(
+                row,
+                {
+                    method: from_squashed_frame(pred, row.trg_width, row.trg_height, self.image_size)
+                    for method, pred in per_method.items()
+                },
+            )
+
+    def add_original(self, row: Any, per_method: dict[str, Any]) -> None:
+        """Record one row's (K, 2) predictions already in the original target frame, per method: a peer's own
+        protocol (``peer_protocols``) predicts in its frame and maps the points back itself."""
+        self._check(row, per_method)
+        self._record(row, {method: _float64(pred) for method, pred in per_method.items()})
+
+    @staticmethod
+    def _check(row: Any, per_method: dict[str, Any]) -> None:
+        k = len(np.asarray(row.src_kps, dtype=np.float64).reshape(-1, 2))
+        for method, pred in per_method.items():
+            if len(pred) != k:
+                raise ValueError(f"pair {row.pair_id!r}: {len(pred)} {method} predictions for {k} keypoints")
+
+    def _record(self, row: Any, per_method: dict[str, np.ndarray]) -> None:
+        """One row's original-frame (K, 2) float64 predictions, per method, with its keypoints."""
+        src = np.asarray(row.src_kps, dtype=np.float64).reshape(-1, 2)
+        trg = np.asarray(row.trg_kps, dtype=np.float64).reshape(-1, 2)
+        k = len(src)
+        for method, orig in per_method.items():
+            columns = {
+                "pair_id": np.full(k, str(row.pair_id), dtype=object),
+                "category": np.full(k, row.category, dtype=object),
+                "method": np.full(k, method, dtype=object),
+                "kp": np.arange(k, dtype=np.int64),
+                "src_x": src[:, 0],
+                "src_y": src[:, 1],
+                "pred_x": orig[:, 0],
+                "pred_y": orig[:, 1],
+                "trg_x": trg[:, 0],
+                "trg_y": trg[:, 1],
+            }
+            self._parts.append((int(row.Index), columns))
 
     def frame(self) -> pd.DataFrame:
         """All predictions: pairs in table order, then methods in their computed order, then keypoints."""

@@ -93,7 +93,7 @@ def _vit_model(method, records, features, device):
     return model
 
 
-def _vit_scorer(model, method, alphas):
+def _vit_scorer(model, method, alphas, predictions=None):
     """sd-dino's padded-frame scorer of a ViT's strided patch grid."""
     from sd4match.baselines import VitFacet, patch_size, vit_grid_side
     from sd4match.peer_protocols import PaddedFrameScorer, PatchGrid
@@ -101,7 +101,7 @@ def _vit_scorer(model, method, alphas):
     size, stride = method["image_size"], VitFacet.from_method(method).stride
     patch = patch_size(model)
     grid = PatchGrid(size, vit_grid_side(model, size, stride), stride or patch, patch)
-    return PaddedFrameScorer(size, tuple(alphas), grid)
+    return PaddedFrameScorer(size, tuple(alphas), grid, predictions)
 
 
 def _sd_dino_featurizer(method, records, captioner_path, captioner_cfg, features, seed, device):
@@ -167,7 +167,7 @@ def run_zero_shot(
     model roles to model-record files. ``latent_cache_path`` (DIFT in the squashed frame): the test split's
     latent cache, read instead of running the VAE. The predicted points of the squashed-frame protocol go to
     ``predictions_out`` (parquet, ``sd4match.predictions``) when given; a peer's own protocol (``original``,
-    ``padded``) predicts in its own frame and records none there (the file has no rows)."""
+    ``padded``) records its nearest-neighbour points, mapped from its frame to the original target frame."""
     from sd4match.frames import evaluate_with_scorer
     from sd4match.peer_protocols import PEER_METHODS, OriginalFrameScorer, PaddedFrameScorer
 
@@ -185,7 +185,8 @@ def run_zero_shot(
             method, records, root, image_size, features, seed, device, pairs, (latent_cache_path, pairs_path)
         )
         if protocol == "original":
-            per_pair = evaluate_with_scorer(pairs, feature_fn, OriginalFrameScorer(tuple(alphas)), device)
+            scorer = OriginalFrameScorer(tuple(alphas), predictions)
+            per_pair = evaluate_with_scorer(pairs, feature_fn, scorer, device)
         else:
             per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device, predictions=predictions)
     elif method["kind"] == "vit":
@@ -197,7 +198,8 @@ def run_zero_shot(
             model, root, method["image_size"], device=device, facet=VitFacet.from_method(method), pad=padded
         )
         if padded:
-            per_pair = evaluate_with_scorer(pairs, feature_fn, _vit_scorer(model, method, alphas), device)
+            scorer = _vit_scorer(model, method, alphas, predictions)
+            per_pair = evaluate_with_scorer(pairs, feature_fn, scorer, device)
         else:
             per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device, predictions=predictions)
     elif method["kind"] == "sd_dino":
@@ -212,7 +214,7 @@ def run_zero_shot(
         )
         scorer = None
         if protocol == "padded":  # keypoints in DINO's padded square, as sd-dino
-            scorer = PaddedFrameScorer(method["dino_image_size"], tuple(alphas))
+            scorer = PaddedFrameScorer(method["dino_image_size"], tuple(alphas), predictions=predictions)
         # the networks run once per distinct image; the co-PCA and the scoring per pair
         per_pair = evaluate_sd_dino(pairs, featurizer, settings, root, scorer=scorer, predictions=predictions)
     else:

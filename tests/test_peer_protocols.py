@@ -31,6 +31,7 @@ from sd4match.peer_protocols import (
     pixel_centre_descriptors,
     upsampled_norms,
 )
+from sd4match.predictions import PredictionLog
 from sd4match.table_protocols import (
     ESTIMATORS,
     RowProtocol,
@@ -172,6 +173,22 @@ def test_padded_frame_scorer_matches_patches_and_predicts_their_centres():
     assert {s.threshold for s in scores} == {25.0} and {s.method for s in scores} == {"nn"}
 
 
+def test_padded_frame_scorer_records_its_predictions_in_the_original_target_frame():
+    """predictions.parquet of sd-dino's protocol: the patch centres (20.5, 6.5), (20.5, 34.5) of the test
+    above, minus the portrait target's 14 columns of padding at scale 1: (6.5, 6.5), (6.5, 34.5)."""
+    src = torch.eye(16).reshape(16, 4, 4)
+    row = _row(Index=3, src_width=56, src_height=28, trg_width=28, trg_height=56, threshold_kind="bbox",
+               src_kps=[[5.0, 3.0], [40.0, 10.0]], trg_kps=[[6.0, 7.0], [20.0, 50.0]],
+               trg_bbox=[0.0, 0.0, 20.0, 25.0])  # fmt: skip
+    log = PredictionLog(image_size=64)  # the squashed S is not used by a peer's own frame
+    plain = PaddedFrameScorer(56, (0.1,))(row, src, src.transpose(1, 2).contiguous())
+    assert PaddedFrameScorer(56, (0.1,), predictions=log)(row, src, src.transpose(1, 2).contiguous()) == plain
+    frame = log.frame()
+    assert frame[["pred_x", "pred_y"]].to_numpy().tolist() == [[6.5, 6.5], [6.5, 34.5]]
+    assert frame[["trg_x", "trg_y"]].to_numpy().tolist() == [[6.0, 7.0], [20.0, 50.0]]
+    assert list(frame["method"]) == ["nn", "nn"] and list(frame["kp"]) == [0, 1]
+
+
 # -------------------------------------------------------------------------------- DIFT's original frame
 
 
@@ -221,6 +238,9 @@ def test_original_frame_scorer_finds_the_known_peak_in_original_pixels():
     scores = OriginalFrameScorer((0.05, 0.1))(row, _peak_map(), _peak_map())
     # errors 0 and 1 with theta = 10 (the original box's max side): 1 / 10 <= 0.1 but not <= 0.05
     assert [(s.alpha, s.n_correct, s.threshold) for s in scores] == [(0.05, 1, 10.0), (0.1, 2, 10.0)]
+    log = PredictionLog(image_size=64)
+    OriginalFrameScorer((0.1,), log)(_row(**{**vars(row), "Index": 0}), _peak_map(), _peak_map())
+    assert log.frame()[["pred_x", "pred_y"]].to_numpy().tolist() == [[4.0, 7.0], [0.0, 0.0]]  # its pixels
 
 
 def test_dift_pixels_resize_bicubic_to_minus_one_one():

@@ -700,6 +700,13 @@ def test_demo_dag_runs_end_to_end(demo_project: Path):
         # every pair scored once per matching method and alpha
         assert len(per_pair) == len(pairs) * 3 * 3
         assert per_pair["pck"].between(0, 100).all()
+    # the peers' own protocols record their nearest-neighbour points in the original target frame too
+    pairs = pd.read_parquet(out / "pairs/spair_test.parquet")
+    for peer in ("dift_orig", "sddino"):
+        predictions = pd.read_parquet(out / f"zero_shot/{peer}/spair/predictions.parquet")
+        assert len(predictions) == pairs["n_kps"].sum() and set(predictions["method"]) == {"nn"}, peer
+    dift_points = pd.read_parquet(out / "zero_shot/dift_orig/spair/predictions.parquet")
+    assert (dift_points[["pred_x", "pred_y"]] == dift_points[["pred_x", "pred_y"]].round()).all().all()
     # two seeds of spair/single (seeds_per_run): two prompts, a spread, and intervals around summary.csv
     from sd4match.uncertainty import intervals_from_file, seed_spread_from_files
 
