@@ -9,6 +9,7 @@ checked against the model records the figure uses before any work (``evaluation.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,82 +147,84 @@ def make_fig4(
     _sidecar(png, prov, "fig4")
 
 
-def _pair_figure_inputs(
-    prompt_path: str,
-    sd_record: str,
-    dino_record: str,
-    dino_cache_path: str,
-    pairs_path: str,
-    location_path: str,
-    n_pairs: int,
-    device: str,
-) -> tuple[Any, pd.DataFrame, DinoCache, str]:
-    """What the per-pair (CPM) figures load, the prompt and DINOv2 cache checked against the model records
-    first: SD components, the first pairs, DINOv2 tokens, dataset root."""
-    check_prompt_models(prompt_path, sd_record, dino_record)
-    dino = open_dino_cache(dino_cache_path, dino_record)
-    components = load_stable_diffusion(read_model_record(sd_record).local_path, device=device)
-    pairs = read_pairs_table(pairs_path).head(n_pairs)
-    return components, pairs, dino, read_location(location_path).root
+@dataclass(frozen=True)
+class PairFigureInputs:
+    """What the per-pair (CPM) figures read: the prompt, the SD and DINOv2 model records, the test split's
+    DINOv2 cache, its pairs table and dataset location, and how many of its first pairs to show."""
+
+    prompt: str
+    sd_record: str
+    dino_record: str
+    dino_cache: str
+    pairs: str
+    location: str
+    n_pairs: int
+
+    @classmethod
+    def from_rule(cls, inputs: Any, params: Any) -> PairFigureInputs:
+        """From a figure rule's named inputs (``prompt``, ``sd_model``, ``dinov2_model``, ``dino_cache``,
+        ``pairs``, ``data``) and ``params.n_pairs`` (rules/figures.smk)."""
+        return cls(
+            inputs.prompt,
+            inputs.sd_model,
+            inputs.dinov2_model,
+            inputs.dino_cache,
+            inputs.pairs,
+            inputs.data,
+            int(params.n_pairs),
+        )
+
+    def load(self, device: str) -> tuple[Any, pd.DataFrame, DinoCache, str]:
+        """SD components, the first pairs, DINOv2 tokens and dataset root, the prompt and the DINOv2 cache
+        checked against the model records first."""
+        check_prompt_models(self.prompt, self.sd_record, self.dino_record)
+        dino = open_dino_cache(self.dino_cache, self.dino_record)
+        components = load_stable_diffusion(read_model_record(self.sd_record).local_path, device=device)
+        pairs = read_pairs_table(self.pairs).head(self.n_pairs)
+        return components, pairs, dino, read_location(self.location).root
 
 
-def make_fig5(
-    prompt_path: str,
-    sd_record: str,
-    dino_record: str,
-    dino_cache_path: str,
-    pairs_path: str,
-    location_path: str,
-    n_pairs: int,
-    gen: dict,
-    png: str,
-    pdf: str,
-    prov: Provenance,
-    device: str,
-) -> None:
+def make_fig5(inputs: PairFigureInputs, gen: dict, png: str, pdf: str, prov: Provenance, device: str) -> None:
     """Fig. 5: images SD generates from the CPM prompts of selected pairs, next to the pair."""
-    inputs = _pair_figure_inputs(
-        prompt_path, sd_record, dino_record, dino_cache_path, pairs_path, location_path, n_pairs, device
-    )
-    components, pairs, dino, root = inputs
-    generations = cpm_prompt_images(prompt_path, components, dino, pairs, generation_settings(gen))
+    components, pairs, dino, root = inputs.load(device)
+    generations = cpm_prompt_images(inputs.prompt, components, dino, pairs, generation_settings(gen))
     prompt_generation_grid(
         fig5_rows(generations, root),
         png,
         pdf,
         title="Fig. 5 — images generated from SD4Match-CPM prompts of image pairs",
-        caption=f"prompt: {prompt_path}; columns: source, target, generated",
+        caption=f"prompt: {inputs.prompt}; columns: source, target, generated",
         demo=prov.demo,
     )
     _sidecar(png, prov, "fig5")
 
 
+@dataclass(frozen=True)
+class QualitativeSettings:
+    """How the qualitative figure matches its pairs: the evaluation's timestep / ensemble / pair batch, the
+    matching config (reported method, kernel sigma, temperature), the image size and the noise seed."""
+
+    evaluation: dict
+    matching: dict
+    image_size: int
+    seed: int
+
+
 def make_qualitative(
-    prompt_path: str,
-    sd_record: str,
-    dino_record: str,
-    dino_cache_path: str,
-    pairs_path: str,
-    location_path: str,
-    n_pairs: int,
-    evaluation: dict,
-    matching: dict,
-    image_size: int,
-    seed: int,
+    inputs: PairFigureInputs,
+    settings: QualitativeSettings,
     png: str,
     pdf: str,
     prov: Provenance,
     device: str,
 ) -> None:
     """Predicted (SD4Match-CPM, reported matching) vs ground-truth matches on the first few test pairs."""
-    inputs = _pair_figure_inputs(
-        prompt_path, sd_record, dino_record, dino_cache_path, pairs_path, location_path, n_pairs, device
-    )
-    components, pairs, dino, root = inputs
-    module, _ = load_prompt(prompt_path, components.text_encoder, components.tokenizer)
+    components, pairs, dino, root = inputs.load(device)
+    module, _ = load_prompt(inputs.prompt, components.text_encoder, components.tokenizer)
     featurizer = SDFeaturizer(components, device=device)
+    evaluation, matching, image_size = settings.evaluation, settings.matching, settings.image_size
     method = matching["reported"]
-    settings = MatchingSettings(
+    matching_settings = MatchingSettings(
         image_size, (method,), (0.1,), matching["kernel_sigma"], matching["softmax_temperature"]
     )
     features = conditional_pair_features(
@@ -233,13 +236,13 @@ def make_qualitative(
         image_size,
         evaluation["timestep"],
         evaluation["ensemble"],
-        seed,
+        settings.seed,
         evaluation["pair_batch"],
     )
     panels = []
     with torch.no_grad():
         for row, src_feat, trg_feat in features:
-            pred = predict_pair(row, src_feat, trg_feat, settings)[method]
+            pred = predict_pair(row, src_feat, trg_feat, matching_settings)[method]
             panels.append(match_panel(row, root, pred, image_size, method=f"SD4Match-CPM ({method})"))
     qualitative_matches(panels, png, pdf, 0.1, method, image_size, prov.demo)
     _sidecar(png, prov, "qualitative")

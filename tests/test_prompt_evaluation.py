@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -24,7 +25,7 @@ from sd4match.evaluation import (
 from sd4match.features import SDFeaturizer
 from sd4match.fetch import extract
 from sd4match.models import ModelSpec, load_dinov2, load_stable_diffusion, resolve_model, write_model_record
-from sd4match.paper_figures import make_fig4, make_qualitative
+from sd4match.paper_figures import PairFigureInputs, QualitativeSettings, make_fig4, make_qualitative
 from sd4match.prompt_learning import CPMConfig, build_prompt_module, save_prompt
 from sd4match.reporting import Provenance
 from sd4match.tiny_models import build_tiny_dinov2, build_tiny_stable_diffusion
@@ -263,32 +264,37 @@ def test_a_dinov2_cache_of_another_model_or_preprocessing_is_refused(world, tmp_
 def test_figures_check_the_prompt_and_cache_against_the_records(world, tmp_path):
     base = world["base"]
     prov = Provenance("abc", {}, "sd4match test", True, "protocol")
-    qualitative = dict(
+    figure_inputs = dict(
         sd_record=str(base / "sd21.json"),
         dino_record=str(base / "dinov2.json"),
-        dino_cache_path=str(base / "dino.safetensors"),
-        pairs_path=str(base / "pairs.parquet"),
-        location_path=str(base / "fetch.json"),
+        dino_cache=str(base / "dino.safetensors"),
+        pairs=str(base / "pairs.parquet"),
+        location=str(base / "fetch.json"),
         n_pairs=2,
+    )
+    settings = QualitativeSettings(
         evaluation={"timestep": 50, "ensemble": 1, "pair_batch": 2},
         matching={"reported": "nn", "kernel_sigma": 7.0, "softmax_temperature": 0.04},
         image_size=S,
         seed=0,
-        prov=prov,
-        device="cpu",
     )
-    stale = save_tiny_prompt(world, tmp_path / "old.safetensors", "cpm", trained_with(world, "cpm", "0ld"))
+
+    def qualitative(prompt: Path) -> None:
+        inputs = PairFigureInputs(prompt=str(prompt), **figure_inputs)
+        make_qualitative(inputs, settings, str(png), str(tmp_path / "q.pdf"), prov, "cpu")
+
     png = tmp_path / "qualitative.png"
+    stale = save_tiny_prompt(world, tmp_path / "old.safetensors", "cpm", trained_with(world, "cpm", "0ld"))
     with pytest.raises(ValueError, match=re.escape(f"{stale}.json") + r".*sd21\.json"):
-        make_qualitative(str(stale), png=str(png), pdf=str(tmp_path / "q.pdf"), **qualitative)
+        qualitative(stale)
     single = save_tiny_prompt(
         world, tmp_path / "s.safetensors", "single", trained_with(world, "single", "0ld")
     )
     with pytest.raises(ValueError, match=re.escape(f"{single}.json") + r".*sd21\.json"):
-        make_fig4(str(single), qualitative["sd_record"], ["car(G)"], {}, str(png), "x.pdf", prov, "cpu")
+        make_fig4(str(single), figure_inputs["sd_record"], ["car(G)"], {}, str(png), "x.pdf", prov, "cpu")
     assert not png.exists()
     good = save_tiny_prompt(world, tmp_path / "cpm.safetensors", "cpm", trained_with(world, "cpm"))
-    make_qualitative(str(good), png=str(png), pdf=str(tmp_path / "q.pdf"), **qualitative)
+    qualitative(good)
     written = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith((".safetensors", ".json")))
     assert (
         written == ["q.pdf", "qualitative.png"] and (tmp_path / "qualitative.png.provenance.json").is_file()

@@ -4,27 +4,12 @@ from sd4match.gpu import allocate_gpus, device_for
 from sd4match.logs import log_to
 
 with log_to(snakemake.log[0]), allocate_gpus(snakemake.resources.gpu) as lease:  # noqa: F821
-    from sd4match.paper_figures import make_qualitative
+    from sd4match.paper_figures import PairFigureInputs, QualitativeSettings, make_qualitative
     from sd4match.provenance import build_provenance
     from sd4match.reporting import write_caption
 
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
     prov = build_provenance(record_paths=[i.sd_model, i.dinov2_model], **p.provenance)
-    make_qualitative(
-        i.prompt,
-        i.sd_model,
-        i.dinov2_model,
-        i.dino_cache,
-        i.pairs,
-        i.data,
-        p.n_pairs,
-        p.evaluation,
-        p.matching,
-        p.image_size,
-        p.seed,
-        o.png,
-        o.pdf,
-        prov,
-        device_for(lease),
-    )
+    settings = QualitativeSettings(p.evaluation, p.matching, p.image_size, p.seed)
+    make_qualitative(PairFigureInputs.from_rule(i, p), settings, o.png, o.pdf, prov, device_for(lease))
     write_caption(o.caption, prov)
