@@ -7,7 +7,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -17,12 +17,14 @@ from tqdm import tqdm
 from sd4match.caches import LatentCache, image_key
 from sd4match.data_sources import read_location
 from sd4match.datasets import load_image, read_pairs_table
-from sd4match.io import write_table_atomic
 from sd4match.matching import bbox_to_squashed_frame, match_all, match_in_bank, to_squashed_frame
-from sd4match.metrics import PairScore, pck, pck_threshold, per_pair_frame, summarise
+from sd4match.metrics import PairScore, pck, pck_threshold, per_pair_frame
 from sd4match.models import ModelRecord, read_model_record
 from sd4match.predictions import PredictionLog
 from sd4match.prompts import CategoryPromptEncoder, PromptSource, encode_prompt_pair
+
+if TYPE_CHECKING:  # records of an evaluation job (evaluation_job imports this module)
+    from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
 
 log = logging.getLogger(__name__)
 
@@ -552,64 +554,62 @@ def open_test_latents(
     return cache
 
 
+@dataclass(frozen=True)
+class PromptModels:
+    """The model records a learned prompt is evaluated with (checked against its sidecar): the SD model's,
+    and for CPM the DINOv2 model's with the test split's DINOv2 cache."""
+
+    sd_record: str | Path
+    dino_record: str | Path | None = None
+    dino_cache: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.dino_cache is not None and self.dino_record is None:
+            raise ValueError(
+                f"DINOv2 cache {self.dino_cache} given without the DINOv2 model record to check it"
+            )
+
+
 def run_prompt_evaluation(
     prompt_path: str | Path,
-    pairs_path: str | Path,
-    location_path: str | Path,
-    model_record_path: str | Path,
-    dino_cache_path: str | Path | None,
-    dino_record_path: str | Path | None,
+    models: PromptModels,
+    split: SplitInputs,
     evaluation: dict[str, Any],
-    features: dict[str, Any],
-    matching: dict[str, Any],
-    alphas: Sequence[float],
-    max_pairs: int | None,
-    image_size: int,
-    seed: int,
-    device: str,
-    per_pair_out: str | Path,
-    summary_out: str | Path,
-    latent_cache_path: str | Path | None = None,
-    predictions_out: str | Path | None = None,
+    settings: JobSettings,
+    outputs: JobOutputs,
 ) -> pd.DataFrame:
-    """SD4Match with a learned prompt on one test set: per-image reuse for Single/Class, per pair for CPM.
+    """SD4Match with a learned prompt on one test set: per-image reuse for Single/Class, per pair for CPM
+    (``evaluation``: the timestep, ensemble and CPM pair batch).
 
-    ``latent_cache_path``: the test split's latent cache (``caches.run_test_latent_cache``), read instead of
+    ``split.latent_cache``: the test split's latent cache (``caches.run_test_latent_cache``), read instead of
     running the VAE (the same latents); None encodes each distinct image here. The predicted points go to
-    ``predictions_out`` (parquet, ``sd4match.predictions``) when given.
+    ``outputs.predictions`` (parquet, ``sd4match.predictions``) when given.
     """
     from sd4match.caches import open_dino_cache
     from sd4match.features import load_sd_featurizer
     from sd4match.prompt_learning import load_prompt
 
-    if dino_cache_path is not None and dino_record_path is None:
-        raise ValueError(f"DINOv2 cache {dino_cache_path} given without the DINOv2 model record to check it")
-    check_prompt_models(prompt_path, model_record_path, dino_record_path)
-    dino = None if dino_cache_path is None else open_dino_cache(dino_cache_path, dino_record_path)
-    pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
-    root = read_location(location_path).root
-    record = read_model_record(model_record_path)
-    featurizer = load_sd_featurizer(record.local_path, features, device)
+    check_prompt_models(prompt_path, models.sd_record, models.dino_record)
+    dino = None if models.dino_cache is None else open_dino_cache(models.dino_cache, models.dino_record)
+    pairs = limit_pairs(read_pairs_table(split.pairs), settings.max_pairs)
+    root = read_location(split.location).root
+    record = read_model_record(models.sd_record)
+    image_size, seed, device = settings.image_size, settings.seed, settings.device
+    featurizer = load_sd_featurizer(record.local_path, settings.features, device)
     latents = open_test_latents(
-        latent_cache_path, model_record_path, image_size, featurizer, pairs, pairs_path
+        split.latent_cache, models.sd_record, image_size, featurizer, pairs, split.pairs
     )
     module, _ = load_prompt(prompt_path, featurizer.text_encoder, featurizer.tokenizer)
     module = module.to(device).eval()
-    settings = MatchingSettings(
-        image_size=image_size,
-        methods=tuple(matching["methods"]),
-        alphas=tuple(alphas),
-        kernel_sigma=matching["kernel_sigma"],
-        temperature=matching["softmax_temperature"],
-    )
+    matching = settings.matching_settings()
     t, ensemble = evaluation["timestep"], evaluation["ensemble"]
-    log.info("SD4Match-%s (%s) on %s: %d pairs", module.variant, prompt_path, pairs_path, len(pairs))
-    predictions = None if predictions_out is None else PredictionLog(image_size)
+    log.info("SD4Match-%s (%s) on %s: %d pairs", module.variant, prompt_path, split.pairs, len(pairs))
+    predictions = outputs.prediction_log(image_size)
     if module.per_image:
         features_for = sd_text_prompt_features(
             featurizer, module, root, image_size, t, ensemble, seed, latents
         )
-        per_pair = evaluate_pairs(pairs, features_for, settings, predictions=predictions)
+        per_pair = evaluate_pairs(pairs, features_for, matching, predictions=predictions)
     else:
         if dino is None:
             raise ValueError(
@@ -621,7 +621,7 @@ def run_prompt_evaluation(
             featurizer,
             dino,
             root,
-            settings,
+            matching,
             t,
             ensemble,
             seed,
@@ -630,9 +630,4 @@ def run_prompt_evaluation(
             predictions=predictions,
         )
     log.info("UNet passes: %d (%d latents)", featurizer.unet_passes, featurizer.unet_samples)
-    if predictions is not None:
-        predictions.write(predictions_out)
-    write_table_atomic(per_pair, per_pair_out)
-    summary = summarise(per_pair)
-    write_table_atomic(summary, summary_out)
-    return summary
+    return outputs.write(per_pair, predictions)

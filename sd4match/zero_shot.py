@@ -13,6 +13,7 @@ The peers' protocols match by nearest neighbour only; their per-pair rows carry 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,12 @@ import torch
 from sd4match.data_sources import read_location
 from sd4match.datasets import read_pairs_table
 from sd4match.evaluation import (
-    MatchingSettings,
     evaluate_pairs,
     limit_pairs,
     sd_text_prompt_features,
 )
-from sd4match.io import write_table_atomic
-from sd4match.metrics import summarise
+from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
 from sd4match.models import load_clip_vision, load_dino, load_dinov2, load_stable_diffusion, read_model_record
-from sd4match.predictions import PredictionLog
 from sd4match.prompts import TextPrompt
 
 log = logging.getLogger(__name__)
@@ -48,17 +46,6 @@ def method_protocol(method: dict[str, Any]) -> str:
             f"zero-shot method of kind {method['kind']!r}: protocol {protocol!r} is not one of {allowed}"
         )
     return protocol
-
-
-def matching_settings(matching: dict[str, Any], alphas: list[float], image_size: int) -> MatchingSettings:
-    """MatchingSettings from the config's ``matching`` block."""
-    return MatchingSettings(
-        image_size=image_size,
-        methods=tuple(matching["methods"]),
-        alphas=tuple(alphas),
-        kernel_sigma=matching["kernel_sigma"],
-        temperature=matching["softmax_temperature"],
-    )
 
 
 def _sd_features(method, records, root, image_size, features, seed, device, pairs, latent_cache):
@@ -104,7 +91,7 @@ def _vit_scorer(model, method, alphas, predictions=None):
     return PaddedFrameScorer(size, tuple(alphas), grid, predictions)
 
 
-def _sd_dino_featurizer(method, records, captioner_path, captioner_cfg, features, seed, device):
+def _sd_dino_featurizer(method, records, captioner: Captioner | None, features, seed, device):
     from sd4match.baselines import (
         SDDinoFeaturizer,
         build_implicit_captioner,
@@ -116,9 +103,9 @@ def _sd_dino_featurizer(method, records, captioner_path, captioner_cfg, features
     components = load_stable_diffusion(read_model_record(records["model"]).local_path, device=device)
     if method["prompt"] == "implicit":
         clip, processor = load_clip_vision(read_model_record(records["clip_model"]).local_path, device=device)
-        captioner = build_implicit_captioner(clip, processor, components)
-        load_implicit_captioner_weights(captioner, captioner_path, prefix=captioner_cfg["prefix"])
-        conditioning = captioner_conditioning(captioner.eval())
+        module = build_implicit_captioner(clip, processor, components)
+        load_implicit_captioner_weights(module, captioner.path, prefix=captioner.config["prefix"])
+        conditioning = captioner_conditioning(module.eval())
     else:
         conditioning = text_conditioning(
             TextPrompt(method["prompt"], components.text_encoder, components.tokenizer)
@@ -144,37 +131,38 @@ def _sd_dino_featurizer(method, records, captioner_path, captioner_cfg, features
     return featurizer
 
 
+@dataclass(frozen=True)
+class Captioner:
+    """SD+DINO*'s implicit captioner: its weights file and its config block."""
+
+    path: str | Path
+    config: dict[str, Any]
+
+
 def run_zero_shot(
     method: dict[str, Any],
     records: dict[str, str | Path],
-    pairs_path: str | Path,
-    location_path: str | Path,
-    matching: dict[str, Any],
-    alphas: list[float],
-    max_pairs: int | None,
-    image_size: int,
-    features: dict[str, Any],
-    seed: int,
-    device: str,
-    per_pair_out: str | Path,
-    summary_out: str | Path,
-    captioner_path: str | Path | None = None,
-    captioner_cfg: dict[str, Any] | None = None,
-    latent_cache_path: str | Path | None = None,
-    predictions_out: str | Path | None = None,
+    split: SplitInputs,
+    settings: JobSettings,
+    outputs: JobOutputs,
+    captioner: Captioner | None = None,
 ) -> pd.DataFrame:
     """Evaluate one zero-shot method on one test set (its ``protocol``, module docstring); ``records`` maps
-    model roles to model-record files. ``latent_cache_path`` (DIFT in the squashed frame): the test split's
+    model roles to model-record files. ``split.latent_cache`` (DIFT in the squashed frame): the test split's
     latent cache, read instead of running the VAE. The predicted points of the squashed-frame protocol go to
-    ``predictions_out`` (parquet, ``sd4match.predictions``) when given; a peer's own protocol (``original``,
-    ``padded``) records its nearest-neighbour points, mapped from its frame to the original target frame."""
+    ``outputs.predictions`` (parquet, ``sd4match.predictions``) when given; a peer's own protocol
+    (``original``, ``padded``) records its nearest-neighbour points, mapped from its frame to the original
+    target frame."""
     from sd4match.frames import evaluate_with_scorer
     from sd4match.peer_protocols import PEER_METHODS, OriginalFrameScorer, PaddedFrameScorer
 
-    pairs = limit_pairs(read_pairs_table(pairs_path), max_pairs)
-    root = read_location(location_path).root
-    settings = matching_settings(matching, alphas, image_size)
-    predictions = None if predictions_out is None else PredictionLog(image_size)
+    pairs = limit_pairs(read_pairs_table(split.pairs), settings.max_pairs)
+    root = read_location(split.location).root
+    image_size, features, seed = settings.image_size, settings.features, settings.seed
+    device = settings.device
+    alphas, pairs_path, latent_cache_path = settings.alphas, split.pairs, split.latent_cache
+    matching = settings.matching_settings()
+    predictions = outputs.prediction_log(image_size)
     protocol = method_protocol(method)
     if protocol != "squashed":
         log.info("protocol %s matches by %s only (the config's matching methods do not apply)", protocol,
@@ -188,7 +176,7 @@ def run_zero_shot(
             scorer = OriginalFrameScorer(tuple(alphas), predictions)
             per_pair = evaluate_with_scorer(pairs, feature_fn, scorer, device)
         else:
-            per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device, predictions=predictions)
+            per_pair = evaluate_pairs(pairs, feature_fn, matching, device=device, predictions=predictions)
     elif method["kind"] == "vit":
         from sd4match.baselines import VitFacet, vit_feature_fn
 
@@ -201,27 +189,18 @@ def run_zero_shot(
             scorer = _vit_scorer(model, method, alphas, predictions)
             per_pair = evaluate_with_scorer(pairs, feature_fn, scorer, device)
         else:
-            per_pair = evaluate_pairs(pairs, feature_fn, settings, device=device, predictions=predictions)
+            per_pair = evaluate_pairs(pairs, feature_fn, matching, device=device, predictions=predictions)
     elif method["kind"] == "sd_dino":
         from sd4match.baselines import evaluate_sd_dino
 
-        if method["prompt"] == "implicit" and captioner_path is None:
-            raise ValueError(
-                "zero-shot SD+DINO with the implicit captioner needs its weights (captioner_path)"
-            )
-        featurizer = _sd_dino_featurizer(
-            method, records, captioner_path, captioner_cfg, features, seed, device
-        )
+        if method["prompt"] == "implicit" and captioner is None:
+            raise ValueError("zero-shot SD+DINO with the implicit captioner needs its weights (captioner)")
+        featurizer = _sd_dino_featurizer(method, records, captioner, features, seed, device)
         scorer = None
         if protocol == "padded":  # keypoints in DINO's padded square, as sd-dino
             scorer = PaddedFrameScorer(method["dino_image_size"], tuple(alphas), predictions=predictions)
         # the networks run once per distinct image; the co-PCA and the scoring per pair
-        per_pair = evaluate_sd_dino(pairs, featurizer, settings, root, scorer=scorer, predictions=predictions)
+        per_pair = evaluate_sd_dino(pairs, featurizer, matching, root, scorer=scorer, predictions=predictions)
     else:
         raise ValueError(f"zero-shot method kind {method['kind']!r} is unknown (sd, vit, sd_dino)")
-    if predictions is not None:
-        predictions.write(predictions_out)
-    write_table_atomic(per_pair, per_pair_out)
-    summary = summarise(per_pair)
-    write_table_atomic(summary, summary_out)
-    return summary
+    return outputs.write(per_pair, predictions)

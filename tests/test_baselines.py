@@ -791,8 +791,9 @@ def test_image_batch_must_be_positive(tiny, tmp_path):
 def test_run_zero_shot_sd_dino_scores_every_pair_once_per_image(tiny, tmp_path):
     from sd4match.data_sources import DatasetLocation, write_location
     from sd4match.datasets import write_pairs_table
+    from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
     from sd4match.models import ModelRecord, write_model_record
-    from sd4match.zero_shot import run_zero_shot
+    from sd4match.zero_shot import Captioner, run_zero_shot
 
     pairs = _shared_image_pairs(tmp_path).assign(dataset="spair", split="test")
     write_pairs_table(pairs, tmp_path / "pairs.parquet")
@@ -816,10 +817,13 @@ def test_run_zero_shot_sd_dino_scores_every_pair_once_per_image(tiny, tmp_path):
     matching = {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04}
     features = {"precision": "fp32", "max_unet_batch": 8}
     summary = run_zero_shot(
-        method, records, tmp_path / "pairs.parquet", tmp_path / "fetch.json", matching, [0.1], None, 64,
-        features, 3, "cpu", tmp_path / "per_pair.csv", tmp_path / "summary.csv",
-        captioner_path=tiny["checkpoint"], captioner_cfg={"prefix": B.ODISE_PREFIX},
-    )  # fmt: skip
+        method,
+        records,
+        SplitInputs(tmp_path / "pairs.parquet", tmp_path / "fetch.json"),
+        JobSettings(features, matching, [0.1], None, 64, 3),
+        JobOutputs(tmp_path / "per_pair.csv", tmp_path / "summary.csv"),
+        captioner=Captioner(tiny["checkpoint"], {"prefix": B.ODISE_PREFIX}),
+    )
     per_pair = pd.read_csv(tmp_path / "per_pair.csv")
     reference = B.evaluate_pairs_per_pair(
         pairs, _featurizer(tiny, dino=True).pair_features, MatchingSettings(64, ("nn",), (0.1,)), tmp_path

@@ -6,7 +6,6 @@ dtype; CPU runs stay fp32 and bit-identical to the plain featurizer."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
@@ -20,7 +19,8 @@ from sd4match.caches import build_dino_cache, cache_meta
 from sd4match.data_sources import DatasetLocation, write_location
 from sd4match.datasets import parse_pfwillow, write_pairs_table
 from sd4match.demo_world import DemoWorldSpec, make_pfwillow
-from sd4match.evaluation import run_prompt_evaluation
+from sd4match.evaluation import PromptModels, run_prompt_evaluation
+from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
 from sd4match.features import (
     KernelSettings,
     SDFeaturizer,
@@ -146,21 +146,7 @@ def test_cpu_loads_fp32_and_features_equal_the_plain_featurizer(world):
     assert torch.equal(got, want)
 
 
-def _evaluation_args(world: dict[str, Path], tmp_path: Path, features: dict[str, Any]) -> dict[str, Any]:
-    base = world["base"]
-    return dict(
-        pairs_path=base / "pairs.parquet",
-        location_path=base / "fetch.json",
-        model_record_path=base / "sd21.json",
-        evaluation={"timestep": 50, "ensemble": 1, "pair_batch": 4},
-        features=features,
-        matching={"methods": ["nn", "kernel_softmax"], "kernel_sigma": 7.0, "softmax_temperature": 0.04},
-        alphas=[0.1],
-        max_pairs=None,
-        image_size=S,
-        seed=0,
-        device="cpu",
-    )
+MATCHING = {"methods": ["nn", "kernel_softmax"], "kernel_sigma": 7.0, "softmax_temperature": 0.04}
 
 
 def _record_summary(record_path: Path) -> dict[str, str]:
@@ -179,13 +165,14 @@ def test_prompt_evaluation_runs_in_half_precision(world, simulated_gpu, tmp_path
     if dino:
         models["dinov2_model"] = _record_summary(world["base"] / "dinov2.json")
     save_prompt(build_prompt_module(variant, c.text_encoder, c.tokenizer, cpm=cpm), prompt, models)
+    base = world["base"]
     summary = run_prompt_evaluation(
-        prompt_path=prompt,
-        dino_cache_path=dino,
-        dino_record_path=world["base"] / "dinov2.json" if dino else None,
-        per_pair_out=tmp_path / "per_pair.csv",
-        summary_out=tmp_path / "summary.csv",
-        **_evaluation_args(world, tmp_path, FEATURES),
+        prompt,
+        PromptModels(base / "sd21.json", base / "dinov2.json" if dino else None, dino),
+        SplitInputs(base / "pairs.parquet", base / "fetch.json"),
+        {"timestep": 50, "ensemble": 1, "pair_batch": 4},
+        JobSettings(FEATURES, MATCHING, [0.1], None, S, 0),
+        JobOutputs(tmp_path / "per_pair.csv", tmp_path / "summary.csv"),
     )
     per_pair = pd.read_csv(tmp_path / "per_pair.csv")
     assert len(per_pair) == 12 * 2 and per_pair["n_correct"].between(0, per_pair["n_kps"]).all()
@@ -204,17 +191,9 @@ def test_zero_shot_vit_loads_in_the_configured_half_precision(world, simulated_g
     zero_shot.run_zero_shot(
         {"kind": "vit", "family": "dinov2", "model": "dinov2", "image_size": 56},
         {"model": base / "dinov2.json"},
-        base / "pairs.parquet",
-        base / "fetch.json",
-        {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04},
-        [0.1],
-        None,
-        S,
-        FEATURES,
-        0,
-        "cpu",
-        tmp_path / "per_pair.csv",
-        tmp_path / "summary.csv",
+        SplitInputs(base / "pairs.parquet", base / "fetch.json"),
+        JobSettings(FEATURES, {**MATCHING, "methods": ["nn"]}, [0.1], None, S, 0),
+        JobOutputs(tmp_path / "per_pair.csv", tmp_path / "summary.csv"),
     )
     assert dtypes == [torch.bfloat16]
     assert len(pd.read_csv(tmp_path / "per_pair.csv")) == 12

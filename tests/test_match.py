@@ -24,7 +24,8 @@ from sd4match.caches import build_dino_cache, cache_meta
 from sd4match.data_sources import DatasetLocation, write_location
 from sd4match.datasets import parse_spair, read_pairs_table, write_pairs_table
 from sd4match.demo_world import DemoWorldSpec, make_custom_dataset, make_spair
-from sd4match.evaluation import run_prompt_evaluation
+from sd4match.evaluation import PromptModels, run_prompt_evaluation
+from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
 from sd4match.fetch import extract
 from sd4match.match_cli import build_parser, main
 from sd4match.match_models import MatchInputError
@@ -121,24 +122,18 @@ def save_demo_prompt(project: Path, variant: str, path: Path, seed: int = 0, sd_
 def _evaluate_prompt(project: Path, prompt: Path, out: Path, seed: int, pair_batch: int) -> pd.DataFrame:
     """run_prompt_evaluation with the demo config's settings (as rule evaluate_prompt passes them)."""
     cpm = "cpm" in prompt.name
+    models = project / "resources/demo/models"
     run_prompt_evaluation(
         prompt_path=prompt,
-        pairs_path=project / "pairs.parquet",
-        location_path=project / "fetch.json",
-        model_record_path=project / "resources/demo/models/sd21.json",
-        dino_cache_path=project / "dino.safetensors" if cpm else None,
-        dino_record_path=project / "resources/demo/models/dinov2.json" if cpm else None,
+        models=PromptModels(
+            models / "sd21.json",
+            models / "dinov2.json" if cpm else None,
+            project / "dino.safetensors" if cpm else None,
+        ),
+        split=SplitInputs(project / "pairs.parquet", project / "fetch.json"),
         evaluation={"timestep": 50, "ensemble": 2, "pair_batch": pair_batch},
-        features=FEATURES,
-        matching=MATCHING,
-        alphas=[0.05, 0.1, 0.15],
-        max_pairs=None,
-        image_size=S,
-        seed=seed,
-        device="cpu",
-        per_pair_out=out / "per_pair.csv",
-        summary_out=out / "summary.csv",
-        predictions_out=out / "predictions.parquet",
+        settings=JobSettings(FEATURES, MATCHING, [0.05, 0.1, 0.15], None, S, seed, "cpu"),
+        outputs=JobOutputs(out / "per_pair.csv", out / "summary.csv", out / "predictions.parquet"),
     )
     return read_predictions(out / "predictions.parquet")
 
@@ -188,18 +183,11 @@ def test_text_prompt_matches_the_zero_shot_dift_predictions(in_project: Path, tm
     run_zero_shot(
         method=config["zero_shot"]["dift"],
         records={"model": in_project / "resources/demo/models/sd21.json"},
-        pairs_path=in_project / "pairs.parquet",
-        location_path=in_project / "fetch.json",
-        matching=MATCHING,
-        alphas=[0.1],
-        max_pairs=None,
-        image_size=S,
-        features=FEATURES,
-        seed=config["seed"],
-        device="cpu",
-        per_pair_out=tmp_path / "per_pair.csv",
-        summary_out=tmp_path / "summary.csv",
-        predictions_out=tmp_path / "predictions.parquet",
+        split=SplitInputs(in_project / "pairs.parquet", in_project / "fetch.json"),
+        settings=JobSettings(FEATURES, MATCHING, [0.1], None, S, config["seed"], "cpu"),
+        outputs=JobOutputs(
+            tmp_path / "per_pair.csv", tmp_path / "summary.csv", tmp_path / "predictions.parquet"
+        ),
     )
     written = read_predictions(tmp_path / "predictions.parquet")
     pairs = read_pairs_table(in_project / "pairs.parquet")

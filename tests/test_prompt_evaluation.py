@@ -17,11 +17,13 @@ from sd4match.datasets import parse_pfwillow, write_pairs_table
 from sd4match.demo_world import DemoWorldSpec, make_pfwillow
 from sd4match.evaluation import (
     MatchingSettings,
+    PromptModels,
     evaluate_pairs,
     evaluate_pairs_conditional,
     run_prompt_evaluation,
     sd_text_prompt_features,
 )
+from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
 from sd4match.features import SDFeaturizer
 from sd4match.fetch import extract
 from sd4match.models import ModelSpec, load_dinov2, load_stable_diffusion, resolve_model, write_model_record
@@ -119,35 +121,32 @@ def test_cpm_features_per_pair_in_batches(world):
 
 def test_run_prompt_evaluation_writes_per_pair_and_summary(world, tmp_path):
     base = world["base"]
-    settings = dict(
-        pairs_path=base / "pairs.parquet",
-        location_path=base / "fetch.json",
-        model_record_path=base / "sd21.json",
-        evaluation={"timestep": 50, "ensemble": 1, "pair_batch": 8},
-        features={"precision": "fp32", "up_block_index": 1, "max_unet_batch": 16},
-        matching={
+    split = SplitInputs(base / "pairs.parquet", base / "fetch.json")
+    settings = JobSettings(
+        {"precision": "fp32", "up_block_index": 1, "max_unet_batch": 16},
+        {
             "methods": ["nn", "soft_argmax", "kernel_softmax"],
             "kernel_sigma": 7.0,
             "softmax_temperature": 0.04,
         },
-        alphas=[0.05, 0.1, 0.15],
-        max_pairs=None,
-        image_size=S,
-        seed=0,
-        device="cpu",
+        [0.05, 0.1, 0.15],
+        None,
+        S,
+        0,
     )
     for variant in ("single", "cpm"):
         prompt = save_tiny_prompt(
             world, tmp_path / f"{variant}.safetensors", variant, trained_with(world, variant)
         )
-        dino = (base / "dino.safetensors", base / "dinov2.json") if variant == "cpm" else (None, None)
+        cpm = variant == "cpm"
+        models = PromptModels(
+            base / "sd21.json",
+            base / "dinov2.json" if cpm else None,
+            base / "dino.safetensors" if cpm else None,
+        )
+        outputs = JobOutputs(tmp_path / f"{variant}_per_pair.csv", tmp_path / f"{variant}_summary.csv")
         summary = run_prompt_evaluation(
-            prompt_path=prompt,
-            dino_cache_path=dino[0],
-            dino_record_path=dino[1],
-            per_pair_out=tmp_path / f"{variant}_per_pair.csv",
-            summary_out=tmp_path / f"{variant}_summary.csv",
-            **settings,
+            prompt, models, split, {"timestep": 50, "ensemble": 1, "pair_batch": 8}, settings, outputs
         )
         per_pair = pd.read_csv(tmp_path / f"{variant}_per_pair.csv")
         assert len(per_pair) == 60 * 3 * 3
@@ -162,46 +161,33 @@ def test_cpm_without_dino_tokens_fails_clearly(world, tmp_path):
     with pytest.raises(ValueError, match="conditional"):
         run_prompt_evaluation(
             prompt,
-            world["base"] / "pairs.parquet",
-            world["base"] / "fetch.json",
-            world["base"] / "sd21.json",
-            None,
-            None,
+            PromptModels(world["base"] / "sd21.json"),
+            SplitInputs(world["base"] / "pairs.parquet", world["base"] / "fetch.json"),
             {"timestep": 50, "ensemble": 1, "pair_batch": 2},
-            {"precision": "fp32", "up_block_index": 1, "max_unet_batch": 8},
-            {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04},
-            [0.1],
-            None,
-            S,
-            0,
-            "cpu",
-            tmp_path / "p.csv",
-            tmp_path / "s.csv",
+            _settings(max_pairs=None),
+            JobOutputs(tmp_path / "p.csv", tmp_path / "s.csv"),
         )
 
 
 # ------------------------------------------------------------------------------- what evaluation is fed
 
 
+def _settings(max_pairs: int | None) -> JobSettings:
+    """One nearest-neighbour PCK@0.1 evaluation in fp32 at S, seed 0."""
+    features = {"precision": "fp32", "up_block_index": 1, "max_unet_batch": 8}
+    matching = {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04}
+    return JobSettings(features, matching, [0.1], max_pairs, S, 0)
+
+
 def evaluate(world, tmp_path, prompt, sd_record=None, dino_cache=None, dino_record=None):
     base = world["base"]
     return run_prompt_evaluation(
         prompt,
-        base / "pairs.parquet",
-        base / "fetch.json",
-        sd_record or base / "sd21.json",
-        dino_cache,
-        dino_record,
+        PromptModels(sd_record or base / "sd21.json", dino_record, dino_cache),
+        SplitInputs(base / "pairs.parquet", base / "fetch.json"),
         {"timestep": 50, "ensemble": 1, "pair_batch": 4},
-        {"precision": "fp32", "up_block_index": 1, "max_unet_batch": 8},
-        {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04},
-        [0.1],
-        4,
-        S,
-        0,
-        "cpu",
-        tmp_path / "p.csv",
-        tmp_path / "s.csv",
+        _settings(max_pairs=4),
+        JobOutputs(tmp_path / "p.csv", tmp_path / "s.csv"),
     )
 
 

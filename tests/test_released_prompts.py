@@ -20,7 +20,8 @@ from sd4match.caches import build_dino_cache, cache_meta
 from sd4match.data_sources import DatasetLocation, write_location
 from sd4match.datasets import SPAIR_CATEGORIES, parse_pfwillow, write_pairs_table
 from sd4match.demo_world import DemoWorldSpec, make_pfwillow
-from sd4match.evaluation import run_prompt_evaluation
+from sd4match.evaluation import PromptModels, run_prompt_evaluation
+from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
 from sd4match.fetch import extract, sha256_file
 from sd4match.models import ModelSpec, load_dinov2, resolve_model, write_model_record
 from sd4match.prompt_learning import (
@@ -420,30 +421,22 @@ def test_imported_prompt_evaluates_like_the_module_built_from_its_weights(tiny, 
     save_prompt(
         rebuilt, tmp_path / "rebuilt.safetensors", {k: models[k] for k in ("sd_model", "dinov2_model")}
     )
+    cpm = variant == "cpm"
+    matching = {"methods": ["nn", "kernel_softmax"], "kernel_sigma": 7.0, "softmax_temperature": 0.04}
+    features = {"precision": "fp32", "up_block_index": 1, "max_unet_batch": 8}
+    settings = JobSettings(features, matching, [0.1], None, 64, 0)
     summaries = []
     for prompt in (imported, tmp_path / "rebuilt.safetensors"):
         summaries.append(
             run_prompt_evaluation(
-                prompt_path=prompt,
-                pairs_path=base / "pairs.parquet",
-                location_path=base / "fetch.json",
-                model_record_path=base / "sd21.json",
-                dino_cache_path=base / "dino.safetensors" if variant == "cpm" else None,
-                dino_record_path=base / "dinov2.json" if variant == "cpm" else None,
-                evaluation={"timestep": 50, "ensemble": 1, "pair_batch": 4},
-                features={"precision": "fp32", "up_block_index": 1, "max_unet_batch": 8},
-                matching={
-                    "methods": ["nn", "kernel_softmax"],
-                    "kernel_sigma": 7.0,
-                    "softmax_temperature": 0.04,
-                },
-                alphas=[0.1],
-                max_pairs=None,
-                image_size=64,
-                seed=0,
-                device="cpu",
-                per_pair_out=tmp_path / f"{prompt.stem}_per_pair.csv",
-                summary_out=tmp_path / f"{prompt.stem}_summary.csv",
+                prompt,
+                PromptModels(
+                    base / "sd21.json", *((base / "dinov2.json", base / "dino.safetensors") if cpm else ())
+                ),
+                SplitInputs(base / "pairs.parquet", base / "fetch.json"),
+                {"timestep": 50, "ensemble": 1, "pair_batch": 4},
+                settings,
+                JobOutputs(tmp_path / f"{prompt.stem}_per_pair.csv", tmp_path / f"{prompt.stem}_summary.csv"),
             )
         )
     pd.testing.assert_frame_equal(summaries[0], summaries[1])

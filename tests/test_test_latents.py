@@ -28,6 +28,7 @@ from sd4match.demo_world import DemoWorldSpec, make_pfwillow
 from sd4match.evaluation import (
     ImageKey,
     MatchingSettings,
+    PromptModels,
     cache_keys,
     conditional_feature_batches,
     evaluate_pairs,
@@ -36,6 +37,7 @@ from sd4match.evaluation import (
     run_prompt_evaluation,
     sd_text_prompt_features,
 )
+from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
 from sd4match.features import SDFeaturizer, sample_latents
 from sd4match.fetch import extract
 from sd4match.models import ModelSpec, load_dinov2, load_stable_diffusion, resolve_model, write_model_record
@@ -168,31 +170,18 @@ def test_an_evaluation_job_with_the_cache_writes_the_same_files(world, tmp_path,
     prompt = tmp_path / "prompt.safetensors"
     module = build_prompt_module(variant, c.text_encoder, c.tokenizer, cpm=cpm)
     save_prompt(module, prompt, _prompt_metadata(world, variant))
-    dino = (base / "dino.safetensors", base / "dinov2.json") if variant == "cpm" else (None, None)
-    common = dict(
-        prompt_path=prompt,
-        pairs_path=base / "pairs.parquet",
-        location_path=base / "fetch.json",
-        model_record_path=base / "sd21.json",
-        dino_cache_path=dino[0],
-        dino_record_path=dino[1],
-        evaluation={"timestep": 50, "ensemble": 2, "pair_batch": 4},
-        features=FEATURES,
-        matching={"methods": list(SETTINGS.methods), "kernel_sigma": 7.0, "softmax_temperature": 0.04},
-        alphas=[0.05, 0.1, 0.15],
-        max_pairs=None,
-        image_size=S,
-        seed=0,
-        device="cpu",
-    )
+    dino = (base / "dinov2.json", base / "dino.safetensors") if variant == "cpm" else (None, None)
+    matching = {"methods": list(SETTINGS.methods), "kernel_sigma": 7.0, "softmax_temperature": 0.04}
     for name, cache in (("direct", None), ("cached", world["cache"])):
         if cache is not None:
             monkeypatch.setattr(SDFeaturizer, "encode_latents", no_vae)
         run_prompt_evaluation(
-            per_pair_out=tmp_path / f"{name}_per_pair.csv",
-            summary_out=tmp_path / f"{name}_summary.csv",
-            latent_cache_path=cache,
-            **common,
+            prompt,
+            PromptModels(base / "sd21.json", *dino),
+            SplitInputs(base / "pairs.parquet", base / "fetch.json", cache),
+            {"timestep": 50, "ensemble": 2, "pair_batch": 4},
+            JobSettings(FEATURES, matching, [0.05, 0.1, 0.15], None, S, 0, "cpu"),
+            JobOutputs(tmp_path / f"{name}_per_pair.csv", tmp_path / f"{name}_summary.csv"),
         )
     for kind in ("per_pair", "summary"):
         assert (tmp_path / f"direct_{kind}.csv").read_bytes() == (
@@ -209,27 +198,16 @@ def test_dift_with_the_cache_writes_the_same_files(world, tmp_path, monkeypatch)
         "timestep": 261,
         "ensemble": 2,
     }
-    common = dict(
-        method=method,
-        records={"model": base / "sd21.json"},
-        pairs_path=base / "pairs.parquet",
-        location_path=base / "fetch.json",
-        matching={"methods": ["nn", "kernel_softmax"], "kernel_sigma": 7.0, "softmax_temperature": 0.04},
-        alphas=[0.1],
-        max_pairs=None,
-        image_size=S,
-        features=FEATURES,
-        seed=0,
-        device="cpu",
-    )
+    matching = {"methods": ["nn", "kernel_softmax"], "kernel_sigma": 7.0, "softmax_temperature": 0.04}
     for name, cache in (("direct", None), ("cached", world["cache"])):
         if cache is not None:
             monkeypatch.setattr(SDFeaturizer, "encode_latents", no_vae)
         run_zero_shot(
-            per_pair_out=tmp_path / f"{name}_per_pair.csv",
-            summary_out=tmp_path / f"{name}_summary.csv",
-            latent_cache_path=cache,
-            **common,
+            method,
+            {"model": base / "sd21.json"},
+            SplitInputs(base / "pairs.parquet", base / "fetch.json", cache),
+            JobSettings(FEATURES, matching, [0.1], None, S, 0, "cpu"),
+            JobOutputs(tmp_path / f"{name}_per_pair.csv", tmp_path / f"{name}_summary.csv"),
         )
     assert (tmp_path / "direct_per_pair.csv").read_bytes() == (tmp_path / "cached_per_pair.csv").read_bytes()
 
@@ -296,9 +274,12 @@ def test_a_cache_without_every_test_image_is_refused_before_any_work(world, tmp_
     method = {"kind": "sd", "model": "sd21", "prompt": "", "timestep": 261, "ensemble": 1}
     with pytest.raises(KeyError, match=rf"latent cache {partial} lacks \d+ image\(s\) of pairs table"):
         run_zero_shot(
-            method, {"model": base / "sd21.json"}, base / "pairs.parquet", base / "fetch.json",
-            {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04}, [0.1], None, S, FEATURES,
-            0, "cpu", tmp_path / "p.csv", tmp_path / "s.csv", latent_cache_path=partial,
+            method,
+            {"model": base / "sd21.json"},
+            SplitInputs(base / "pairs.parquet", base / "fetch.json", partial),
+            JobSettings(FEATURES, {"methods": ["nn"], "kernel_sigma": 7.0, "softmax_temperature": 0.04},
+                        [0.1], None, S, 0, "cpu"),
+            JobOutputs(tmp_path / "p.csv", tmp_path / "s.csv"),
         )  # fmt: skip
     assert not (tmp_path / "p.csv").exists()
 

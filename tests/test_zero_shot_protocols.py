@@ -17,6 +17,7 @@ from sd4match import baselines as B
 from sd4match.data_sources import DatasetLocation, write_location
 from sd4match.datasets import write_pairs_table
 from sd4match.evaluation import MatchingSettings
+from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
 from sd4match.features import SDFeaturizer
 from sd4match.models import ModelRecord, load_stable_diffusion, write_model_record
 from sd4match.peer_protocols import PaddedFrameScorer, dift_pixels, raw_ensemble_features
@@ -28,7 +29,7 @@ from sd4match.tiny_models import (
     build_tiny_dinov2,
     build_tiny_stable_diffusion,
 )
-from sd4match.zero_shot import run_zero_shot
+from sd4match.zero_shot import Captioner, run_zero_shot
 
 KPS = [[5.0, 7.0], [40.0, 30.0], [70.0, 50.0]]
 BBOX = [0.0, 0.0, 79.0, 59.0]
@@ -76,9 +77,10 @@ def world(tmp_path_factory):
 
 def _run(world, method: dict, records: dict, tmp_path: Path, seed: int = 0, **kwargs) -> pd.DataFrame:
     root = world["root"]
-    outputs = (tmp_path / "per_pair.csv", tmp_path / "summary.csv")
-    run_zero_shot(method, records, root / "pairs.parquet", root / "fetch.json", MATCHING, ALPHAS, None, 64,
-                  FEATURES, seed, "cpu", *outputs, **kwargs)  # fmt: skip
+    split = SplitInputs(root / "pairs.parquet", root / "fetch.json")
+    settings = JobSettings(FEATURES, MATCHING, ALPHAS, None, 64, seed, "cpu")
+    outputs = JobOutputs(tmp_path / "per_pair.csv", tmp_path / "summary.csv")
+    run_zero_shot(method, records, split, settings, outputs, **kwargs)
     return pd.read_csv(tmp_path / "per_pair.csv")
 
 
@@ -146,15 +148,14 @@ def test_sd_dino_padded_protocol_scores_in_the_padded_square(world, tmp_path):
     method = {"kind": "sd_dino", "model": "sd15", "dino_model": "dinov2", "prompt": "implicit",
               "image_size": 128, "dino_image_size": 112, "timestep": 100, "ensemble": 1,
               "protocol": "padded", "noise_seed": 42}  # fmt: skip
-    captioner = {"captioner_path": world["captioner"], "captioner_cfg": {"prefix": B.ODISE_PREFIX}}
-    per_pair = _run(world, method, records, tmp_path, **captioner)
+    captioner = Captioner(world["captioner"], {"prefix": B.ODISE_PREFIX})
+    per_pair = _run(world, method, records, tmp_path, captioner=captioner)
     assert set(per_pair["method"]) == {"nn"}
     assert per_pair["threshold"].unique() == pytest.approx([79.0 * 112 / 80])  # box side x the target's scale
     # the same features (padded inputs, noise seeded 42, not the run's seed 0) through sd-dino's scorer
     from sd4match.zero_shot import _sd_dino_featurizer
 
-    featurizer = _sd_dino_featurizer(method, records, world["captioner"], {"prefix": B.ODISE_PREFIX},
-                                     FEATURES, 0, "cpu")  # fmt: skip
+    featurizer = _sd_dino_featurizer(method, records, captioner, FEATURES, 0, "cpu")
     assert (featurizer.seed, featurizer.preprocess) == (42, "pad")
     reference = B.evaluate_sd_dino(world["pairs"], featurizer, MatchingSettings(64, ("nn",), tuple(ALPHAS)),
                                    world["root"], scorer=PaddedFrameScorer(112, tuple(ALPHAS)))  # fmt: skip

@@ -4,26 +4,15 @@ from sd4match.gpu import allocate_gpus, device_for
 from sd4match.logs import log_to
 
 with log_to(snakemake.log[0]), allocate_gpus(snakemake.resources.gpu) as lease:  # noqa: F821
-    from sd4match.evaluation import run_prompt_evaluation
+    from sd4match.evaluation import PromptModels, run_prompt_evaluation
+    from sd4match.evaluation_job import JobOutputs, JobSettings, SplitInputs
 
     inp, p = snakemake.input, snakemake.params  # noqa: F821
     run_prompt_evaluation(
         prompt_path=inp.prompt,
-        pairs_path=inp.pairs,
-        location_path=inp.data,
-        model_record_path=inp.sd_model,
-        dino_cache_path=inp.get("dino_cache"),
-        dino_record_path=inp.get("dinov2_model"),
+        models=PromptModels(inp.sd_model, inp.get("dinov2_model"), inp.get("dino_cache")),
+        split=SplitInputs.from_rule(inp),  # with the test split's VAE posteriors
         evaluation=p.evaluation,
-        features=p.features,
-        matching=p.matching,
-        alphas=p.alphas,
-        max_pairs=p.max_pairs,
-        image_size=p.image_size,
-        seed=p.seed,
-        device=device_for(lease),
-        per_pair_out=snakemake.output.per_pair,  # noqa: F821
-        summary_out=snakemake.output.summary,  # noqa: F821
-        latent_cache_path=inp.get("latent_cache"),  # the test split's VAE posteriors
-        predictions_out=snakemake.output.predictions,  # noqa: F821
+        settings=JobSettings.from_rule(p, device_for(lease)),
+        outputs=JobOutputs.from_rule(snakemake.output),  # noqa: F821
     )
