@@ -141,6 +141,7 @@ def evaluation_rates(settings: CheckSettings, precision: str) -> dict[str, float
     from sd4match.bench_passes import synthetic_pairs
     from sd4match.caches import DinoCache, image_key, tensor_name
     from sd4match.evaluation import (
+        ConditionalFeatures,
         ImageKey,
         MatchingSettings,
         conditional_pair_features,
@@ -175,9 +176,10 @@ def evaluation_rates(settings: CheckSettings, precision: str) -> dict[str, float
 
         def cpm_job() -> None:
             with torch.no_grad():
-                for row, src, trg in conditional_pair_features(
-                    pairs, cpm, featurizer, dino, root, size, 50, ensemble, 0, settings.pair_batch
-                ):
+                source = ConditionalFeatures(
+                    cpm, featurizer, dino, root, size, 50, ensemble, 0, settings.pair_batch
+                )
+                for row, src, trg in conditional_pair_features(pairs, source):
                     score_pair(row, src, trg, match)
 
         cpm_seconds = _timed(cpm_job, 1, device)

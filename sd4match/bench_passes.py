@@ -171,7 +171,12 @@ def vae_passes(
     the test split's latent cache (``cache``: its one build; ``single_cached``, ``cpm_cached``: the jobs),
     next to the distinct images they contain. The cached jobs' per-pair tables equal the others'."""
     from sd4match.caches import DinoCache, LatentCache, build_dino_cache, build_latent_cache, encoder_meta
-    from sd4match.evaluation import evaluate_pairs, evaluate_pairs_conditional, sd_text_prompt_features
+    from sd4match.evaluation import (
+        ConditionalFeatures,
+        evaluate_pairs,
+        evaluate_pairs_conditional,
+        sd_text_prompt_features,
+    )
     from sd4match.features import SDFeaturizer
     from sd4match.prompt_learning import CPMConfig, build_prompt_module
 
@@ -203,9 +208,10 @@ def vae_passes(
                 )
                 tables[f"single{name}"] = evaluate_pairs(pairs, features, settings)
             with count_samples(watched) as seen[f"cpm{name}"], torch.no_grad():
-                tables[f"cpm{name}"] = evaluate_pairs_conditional(
-                    pairs, cpm, featurizer, dino, root, settings, 50, ensemble, 0, pair_batch, cache
+                source = ConditionalFeatures(
+                    cpm, featurizer, dino, root, image_size, 50, ensemble, 0, pair_batch, cache
                 )
+                tables[f"cpm{name}"] = evaluate_pairs_conditional(pairs, source, settings)
         return {
             "pairs": len(pairs),
             "images": distinct_images(pairs),

@@ -372,110 +372,83 @@ class _LatentMemo:
         return self.latents[key]
 
 
+@dataclass(frozen=True)
+class ConditionalFeatures:
+    """How SD4Match-CPM computes the features of test pairs, whose prompt depends on both images: the prompt
+    module and SD featurizer, the images' DINOv2 tokens (``caches.DinoCache`` or any source with its
+    ``tokens``/``global_``), the image root, S, the timestep, the ensemble size, the noise seed and
+    ``pair_batch`` pairs per batched UNet call; latents from ``latent_cache`` when given (else the VAE)."""
+
+    module: Any
+    featurizer: Any
+    dino: Any
+    root: str | Path
+    image_size: int
+    timestep: int
+    ensemble: int
+    seed: int
+    pair_batch: int
+    latent_cache: LatentCache | None = None
+
+
 def conditional_feature_batches(
-    pairs: pd.DataFrame,
-    module: Any,
-    featurizer: Any,
-    dino_cache: Any,
-    root: str | Path,
-    image_size: int,
-    timestep: int,
-    ensemble: int,
-    seed: int,
-    pair_batch: int,
-    latent_cache: LatentCache | None = None,
+    pairs: pd.DataFrame, source: ConditionalFeatures
 ) -> Iterator[tuple[list[Any], torch.Tensor, torch.Tensor]]:
-    """Yield (rows, src_feats, trg_feats) for pairs whose prompt depends on both images (CPM): ``pair_batch``
-    pairs per batched UNet call, features (B, C, s, s) on the featurizer's device; latents once per distinct
-    image (from ``latent_cache`` when given); a prompt shared by source and target is encoded once."""
+    """Yield (rows, src_feats, trg_feats) for CPM pairs: ``source.pair_batch`` pairs per batched UNet call,
+    features (B, C, s, s) on the featurizer's device; latents once per distinct image; a prompt shared by
+    source and target is encoded once."""
     from sd4match.prompt_learning import PromptBatch
 
-    memo = _LatentMemo(ImageLatents(featurizer, root, image_size, latent_cache), seed)
+    featurizer, dino, seed = source.featurizer, source.dino, source.seed
+    memo = _LatentMemo(ImageLatents(featurizer, source.root, source.image_size, source.latent_cache), seed)
     rows = list(pairs.itertuples())
-    for start in tqdm(range(0, len(rows), pair_batch), desc="pair batches", unit="batch"):
-        chunk = rows[start : start + pair_batch]
+    for start in tqdm(range(0, len(rows), source.pair_batch), desc="pair batches", unit="batch"):
+        chunk = rows[start : start + source.pair_batch]
         keys = [_pair_keys(row) for row in chunk]
         src_names = [image_key(s.path, s.flip) for s, _ in keys]
         trg_names = [image_key(t.path, t.flip) for _, t in keys]
         batch = PromptBatch(
             categories=[row.category for row in chunk],
-            src_tokens=dino_cache.tokens(src_names).to(featurizer.device),
-            trg_tokens=dino_cache.tokens(trg_names).to(featurizer.device),
-            src_global=dino_cache.global_(src_names).to(featurizer.device),
-            trg_global=dino_cache.global_(trg_names).to(featurizer.device),
+            src_tokens=dino.tokens(src_names).to(featurizer.device),
+            trg_tokens=dino.tokens(trg_names).to(featurizer.device),
+            src_global=dino.global_(src_names).to(featurizer.device),
+            trg_global=dino.global_(trg_names).to(featurizer.device),
         )
         latents = torch.stack([memo(s) for s, _ in keys] + [memo(t) for _, t in keys])
         generator = torch.Generator(device="cpu").manual_seed(_chunk_seed(seed, [r.pair_id for r in chunk]))
         with torch.no_grad():
-            src_embeds, trg_embeds = module.prompt_pair(batch)  # fp32 prompt module
+            src_embeds, trg_embeds = source.module.prompt_pair(batch)  # fp32 prompt module
             with featurizer.autocast():
                 hidden = encode_prompt_pair(featurizer.text_encoder, src_embeds, trg_embeds)
-            feats = featurizer.extract_from_latents(latents, hidden, timestep, ensemble, generator)
+            feats = featurizer.extract_from_latents(
+                latents, hidden, source.timestep, source.ensemble, generator
+            )
         yield chunk, feats[: len(chunk)], feats[len(chunk) :]
 
 
 def conditional_pair_features(
-    pairs: pd.DataFrame,
-    module: Any,
-    featurizer: Any,
-    dino_cache: Any,
-    root: str | Path,
-    image_size: int,
-    timestep: int,
-    ensemble: int,
-    seed: int,
-    pair_batch: int,
-    latent_cache: LatentCache | None = None,
+    pairs: pd.DataFrame, source: ConditionalFeatures
 ) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
     """Yield (row, src_feat, trg_feat) pair by pair from :func:`conditional_feature_batches`."""
-    batches = conditional_feature_batches(
-        pairs,
-        module,
-        featurizer,
-        dino_cache,
-        root,
-        image_size,
-        timestep,
-        ensemble,
-        seed,
-        pair_batch,
-        latent_cache,
-    )
-    for chunk, src_feats, trg_feats in batches:
+    for chunk, src_feats, trg_feats in conditional_feature_batches(pairs, source):
         for i, row in enumerate(chunk):
             yield row, src_feats[i], trg_feats[i]
 
 
 def evaluate_pairs_conditional(
     pairs: pd.DataFrame,
-    module: Any,
-    featurizer: Any,
-    dino_cache: Any,
-    root: str | Path,
+    source: ConditionalFeatures,
     settings: MatchingSettings,
-    timestep: int,
-    ensemble: int,
-    seed: int,
-    pair_batch: int,
-    latent_cache: LatentCache | None = None,
     predictions: PredictionLog | None = None,
 ) -> pd.DataFrame:
     """Score pairs with per-pair (CPM) features; each UNet batch of pairs is matched in one device call."""
-    batches = conditional_feature_batches(
-        pairs,
-        module,
-        featurizer,
-        dino_cache,
-        root,
-        settings.image_size,
-        timestep,
-        ensemble,
-        seed,
-        pair_batch,
-        latent_cache,
-    )
+    if source.image_size != settings.image_size:
+        raise ValueError(
+            f"CPM features at S={source.image_size} scored in a frame of S={settings.image_size}: "
+            "features and matching need one S"
+        )
     scores: list[PairScore] = []
-    for chunk, src_feats, trg_feats in batches:
+    for chunk, src_feats, trg_feats in conditional_feature_batches(pairs, source):
         scores.extend(score_pairs(chunk, src_feats, trg_feats, settings, predictions))
     return per_pair_frame(scores)
 
@@ -615,19 +588,9 @@ def run_prompt_evaluation(
             raise ValueError(
                 f"prompt {prompt_path} is conditional (CPM) and needs a DINOv2 cache of the test images"
             )
-        per_pair = evaluate_pairs_conditional(
-            pairs,
-            module,
-            featurizer,
-            dino,
-            root,
-            matching,
-            t,
-            ensemble,
-            seed,
-            evaluation["pair_batch"],
-            latent_cache=latents,
-            predictions=predictions,
+        source = ConditionalFeatures(
+            module, featurizer, dino, root, image_size, t, ensemble, seed, evaluation["pair_batch"], latents
         )
+        per_pair = evaluate_pairs_conditional(pairs, source, matching, predictions)
     log.info("UNet passes: %d (%d latents)", featurizer.unet_passes, featurizer.unet_samples)
     return outputs.write(per_pair, predictions)

@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sd4match.custom_dataset import parse_points_text
 from sd4match.evaluation import (
+    ConditionalFeatures,
     ImageKey,
     MatchingSettings,
     conditional_feature_batches,
@@ -366,10 +367,10 @@ class Matcher:
         if s.module is not None and not s.module.per_image:
             row = next(pairs.itertuples())
             dino = _OnTheFlyDino(s.dino_model, s.dino_processor, root, [row.src_image, row.trg_image])
-            batches = conditional_feature_batches(
-                pairs, s.module, s.featurizer, dino, root, s.settings.image_size, s.timestep, s.ensemble,
-                s.seed, 1,
-            )  # fmt: skip
+            source = ConditionalFeatures(
+                s.module, s.featurizer, dino, root, s.settings.image_size, s.timestep, s.ensemble, s.seed, 1
+            )
+            batches = conditional_feature_batches(pairs, source)
             chunk, src_feats, trg_feats = next(iter(batches))
             return src_feats[0], trg_feats[0], predict_pairs(chunk, src_feats, trg_feats, s.settings)[0]
         bank: dict[ImageKey, torch.Tensor] = {}

@@ -20,6 +20,7 @@ from sd4match.caches import DinoCache, open_dino_cache
 from sd4match.data_sources import read_location
 from sd4match.datasets import read_pairs_table
 from sd4match.evaluation import (
+    ConditionalFeatures,
     MatchingSettings,
     check_prompt_models,
     conditional_pair_features,
@@ -227,8 +228,7 @@ def make_qualitative(
     matching_settings = MatchingSettings(
         image_size, (method,), (0.1,), matching["kernel_sigma"], matching["softmax_temperature"]
     )
-    features = conditional_pair_features(
-        pairs,
+    source = ConditionalFeatures(
         module.to(device).eval(),
         featurizer,
         dino,
@@ -239,6 +239,7 @@ def make_qualitative(
         settings.seed,
         evaluation["pair_batch"],
     )
+    features = conditional_pair_features(pairs, source)
     panels = []
     with torch.no_grad():
         for row, src_feat, trg_feat in features:

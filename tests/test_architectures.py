@@ -26,7 +26,12 @@ from PIL import Image
 from sd4match import architectures as A
 from sd4match import baselines as B
 from sd4match.caches import DinoCache, LatentCache, dino_features, image_key, tensor_name
-from sd4match.evaluation import ImageKey, conditional_pair_features, sd_text_prompt_features
+from sd4match.evaluation import (
+    ConditionalFeatures,
+    ImageKey,
+    conditional_pair_features,
+    sd_text_prompt_features,
+)
 from sd4match.features import SDFeaturizer
 from sd4match.loss import matching_loss
 from sd4match.matching import MATCHING_METHODS, match_keypoints
@@ -269,7 +274,8 @@ def test_cpm_evaluation_batch(sd21, dinov2, photos, meta_stays_meta):
             "flip": [False] * 3,
         }
     )
-    out = list(conditional_pair_features(pairs, prompt, featurizer, cache, photos, S, 50, 8, 0, pair_batch=2))
+    source = ConditionalFeatures(prompt, featurizer, cache, photos, S, 50, 8, 0, pair_batch=2)
+    out = list(conditional_pair_features(pairs, source))
     assert [row.pair_id for row, _, _ in out] == ["a", "b", "c"]
     assert all(src.shape == trg.shape == (1280, 48, 48) for _, src, trg in out)
     assert featurizer.unet_samples == 2 * 3 * 8 and featurizer.unet_passes == math.ceil(32 / 8) + math.ceil(

@@ -17,6 +17,7 @@ from sd4match.caches import DinoCache, build_dino_cache, cache_meta, image_key
 from sd4match.datasets import PFWILLOW_CLASSES, load_image, parse_pfwillow
 from sd4match.demo_world import DemoWorldSpec, make_pfwillow
 from sd4match.evaluation import (
+    ConditionalFeatures,
     ImageKey,
     ImageLatents,
     _chunk_seed,
@@ -188,7 +189,10 @@ def test_cpm_shared_prompt_encoded_once_per_pair(world, condition, rows_per_batc
     featurizer = SDFeaturizer(c, max_batch=8)
     args = (world["pairs"], module, featurizer, world["dino"], world["root"])
     with EncoderCalls(c.text_encoder) as counter:
-        batches = list(conditional_feature_batches(*args, S, 50, 2, 0, pair_batch=4))
+        source = ConditionalFeatures(
+            module, featurizer, world["dino"], world["root"], S, 50, 2, 0, pair_batch=4
+        )
+        batches = list(conditional_feature_batches(world["pairs"], source))
     assert counter.calls == [rows_per_batch] * 15  # 60 pairs in 15 batches of 4
     expected = old_cpm_features(*args, 50, 2, 0, pair_batch=4)
     for rows, src, trg in batches:

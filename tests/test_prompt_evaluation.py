@@ -16,6 +16,7 @@ from sd4match.data_sources import DatasetLocation, write_location
 from sd4match.datasets import parse_pfwillow, write_pairs_table
 from sd4match.demo_world import DemoWorldSpec, make_pfwillow
 from sd4match.evaluation import (
+    ConditionalFeatures,
     MatchingSettings,
     PromptModels,
     evaluate_pairs,
@@ -109,9 +110,8 @@ def test_cpm_features_per_pair_in_batches(world):
     c = world["components"]
     module = build_prompt_module("cpm", c.text_encoder, c.tokenizer, cpm=TINY_CPM)
     dino = DinoCache.load(world["base"] / "dino.safetensors", expect_meta={"kind": "dino"})
-    run = lambda: evaluate_pairs_conditional(  # noqa: E731
-        world["pairs"], module, featurizer, dino, world["base"] / "root", SETTINGS, 50, 2, 0, pair_batch=4
-    )
+    source = ConditionalFeatures(module, featurizer, dino, world["base"] / "root", S, 50, 2, 0, pair_batch=4)
+    run = lambda: evaluate_pairs_conditional(world["pairs"], source, SETTINGS)  # noqa: E731
     first = run()
     # 60 pairs in 15 batches of 4; each batch = 4 pairs x 2 images x E=2 = 16 latents = 2 UNet calls of 8
     assert featurizer.unet_passes == 15 * 2

@@ -4,6 +4,7 @@ the VAE themselves (tiny SD 2-1, demo PF-Willow), with no VAE pass; stale or inc
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -26,6 +27,7 @@ from sd4match.data_sources import DatasetLocation, write_location
 from sd4match.datasets import load_image, parse_pfwillow, write_pairs_table
 from sd4match.demo_world import DemoWorldSpec, make_pfwillow
 from sd4match.evaluation import (
+    ConditionalFeatures,
     ImageKey,
     MatchingSettings,
     PromptModels,
@@ -145,16 +147,17 @@ def test_cpm_features_and_predictions_from_the_cache_equal_the_vae_pass(world):
     dino = DinoCache.load(world["base"] / "dino.safetensors", expect_meta={"kind": "dino"})
     featurizer = SDFeaturizer(c, max_batch=8)
     latents = _latents(world, featurizer)
-    args = (world["pairs"], module, featurizer, dino, world["root"])
-    direct = list(conditional_feature_batches(*args, S, 50, 2, 1, 4))
-    cached = list(conditional_feature_batches(*args, S, 50, 2, 1, 4, latent_cache=latents))
+    direct_source = ConditionalFeatures(module, featurizer, dino, world["root"], S, 50, 2, 1, 4)
+    cached_source = replace(direct_source, latent_cache=latents)
+    direct = list(conditional_feature_batches(world["pairs"], direct_source))
+    cached = list(conditional_feature_batches(world["pairs"], cached_source))
     assert len(direct) == len(cached) == 15
     for (rows_a, src_a, trg_a), (rows_b, src_b, trg_b) in zip(direct, cached, strict=True):
         assert rows_a == rows_b and torch.equal(src_a, src_b) and torch.equal(trg_a, trg_b)
     with count_samples({"vae": c.vae.encoder}) as seen:
-        table = evaluate_pairs_conditional(*args, SETTINGS, 50, 2, 1, 4, latent_cache=latents)
+        table = evaluate_pairs_conditional(world["pairs"], cached_source, SETTINGS)
     assert seen["vae"] == 0
-    reference = evaluate_pairs_conditional(*args, SETTINGS, 50, 2, 1, 4)
+    reference = evaluate_pairs_conditional(world["pairs"], direct_source, SETTINGS)
     pd.testing.assert_frame_equal(reference, table, check_exact=True)
 
 
