@@ -58,56 +58,85 @@ def _sidecar(png: str | Path, prov: Provenance, what: str) -> None:
     write_json_atomic(provenance_path(png), {"figure": what, **prov.__dict__})
 
 
+@dataclass(frozen=True)
+class TableFigureFiles:
+    """What a figure with a table writes: the plot (PNG, PDF), its table (CSV, Markdown) and, when given, the
+    table's standalone HTML page and its report caption."""
+
+    png: str
+    pdf: str
+    csv: str
+    md: str
+    html: str | None = None
+    caption: str | None = None
+
+    @classmethod
+    def from_rule(cls, outputs: Any) -> TableFigureFiles:
+        """From a figure rule's named outputs ``png``, ``pdf``, ``csv``, ``md`` and optional ``html``,
+        ``caption``."""
+        return cls(
+            outputs.png, outputs.pdf, outputs.csv, outputs.md, outputs.get("html"), outputs.get("caption")
+        )
+
+    def write_table(self, table: pd.DataFrame, title: str, prov: Provenance, notes: Sequence[str]) -> None:
+        """The table in every form this figure writes (``reporting.write_table``)."""
+        write_table(table, self.csv, self.md, title, prov, self.html, self.caption, notes)
+
+
+Annotate = Callable[[pd.DataFrame], pd.DataFrame]
+
+
 def make_fig3a(
     summary_paths: dict[str, str],
-    png: str,
-    pdf: str,
-    csv: str,
-    md: str,
     matching: str,
+    files: TableFigureFiles,
     prov: Provenance,
-    annotate: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+    annotate: Annotate | None = None,
     notes: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Fig. 3a: PCK@0.1 on SPair-71k of the six CPM conditioning cases, ours beside the paper's.
     ``annotate`` adds columns to the written table (intervals, paired differences); ``notes`` go under it."""
     summaries = {int(case): pd.read_csv(path) for case, path in summary_paths.items()}
-    table = fig3a_cpm_ablation(summaries, png, pdf, prov.demo, matching)
+    table = fig3a_cpm_ablation(summaries, files.png, files.pdf, prov.demo, matching)
     table = table if annotate is None else annotate(table)
-    title = "Fig. 3a — CPM conditioning ablation, SPair-71k PCK@0.1"
-    write_table(table, csv, md, title=title, prov=prov, notes=notes)
-    _sidecar(png, prov, "fig3a")
+    files.write_table(table, "Fig. 3a — CPM conditioning ablation, SPair-71k PCK@0.1", prov, notes)
+    _sidecar(files.png, prov, "fig3a")
     return table
 
 
+@dataclass(frozen=True)
+class TimestepCurves:
+    """Fig. 3b's two curves: summary files by timestep of SD4Match and of the DIFT baseline, their labels,
+    and each one's matching (SD4Match's reported matching, the zero-shot tables' matching)."""
+
+    sd4match: dict[int, str]
+    baseline: dict[int, str]
+    labels: tuple[str, str]
+    matching: tuple[str, str]
+
+
 def make_fig3b(
-    sd4match_paths: dict[int, str],
-    baseline_paths: dict[int, str],
-    labels: tuple[str, str],
-    matching: tuple[str, str],
-    png: str,
-    pdf: str,
-    csv: str,
-    md: str,
+    curves: TimestepCurves,
+    files: TableFigureFiles,
     prov: Provenance,
-    annotate: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+    annotate: Annotate | None = None,
     notes: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Fig. 3b: PCK@0.1 on SPair-71k over the timestep grid, SD4Match vs the DIFT baseline.
 
-    ``matching`` = (SD4Match's reported matching, the zero-shot tables' matching): each curve is scored as
-    its method's tables score it (SD4Match kernel-softmax, DIFT nearest neighbour, so DIFT at t=261 is
-    Table 2's DIFT number) and drawn dashed with the other matching too.
+    Each curve is scored as its method's tables score it (SD4Match kernel-softmax, DIFT nearest neighbour,
+    so DIFT at t=261 is Table 2's DIFT number) and drawn dashed with the other matching too.
     """
-    ours, baseline = matching
+    ours, baseline = curves.matching
+    labels = curves.labels
     matchings = {labels[0]: [ours, baseline], labels[1]: [baseline, ours]}
-    summaries = {(labels[0], int(t)): pd.read_csv(p) for t, p in sd4match_paths.items()}
-    summaries |= {(labels[1], int(t)): pd.read_csv(p) for t, p in baseline_paths.items()}
+    summaries = {(labels[0], int(t)): pd.read_csv(p) for t, p in curves.sd4match.items()}
+    summaries |= {(labels[1], int(t)): pd.read_csv(p) for t, p in curves.baseline.items()}
     rows = timestep_rows(summaries, matchings)
-    table = fig3b_timesteps(rows, png, pdf, prov.demo)
+    table = fig3b_timesteps(rows, files.png, files.pdf, prov.demo)
     table = table if annotate is None else annotate(table)  # intervals, seed spread (as make_fig3a)
-    write_table(table, csv, md, title="Fig. 3b — PCK@0.1 on SPair-71k by timestep", prov=prov, notes=notes)
-    _sidecar(png, prov, "fig3b")
+    files.write_table(table, "Fig. 3b — PCK@0.1 on SPair-71k by timestep", prov, notes)
+    _sidecar(files.png, prov, "fig3b")
     return table
 
 

@@ -233,7 +233,7 @@ def test_timestep_rows_score_each_method_as_its_tables_do():
 
 
 def test_make_fig3b_scores_dift_by_nearest_neighbour(tmp_path):
-    from sd4match.paper_figures import make_fig3b
+    from sd4match.paper_figures import TableFigureFiles, TimestepCurves, make_fig3b
     from sd4match.reporting import Provenance
 
     paths = {}
@@ -242,22 +242,20 @@ def test_make_fig3b_scores_dift_by_nearest_neighbour(tmp_path):
         summary(ks, nn_correct=nn).to_csv(paths[name], index=False)
     prov = Provenance("abc", {}, "sd4match test", False, "protocol")
     out = tmp_path / "out"
-    table = make_fig3b(
+    curves = TimestepCurves(
         {50: str(paths["ours"])},
         {261: str(paths["dift"])},
         ("SD4Match (cpm)", "dift (zero-shot)"),
         ("kernel_softmax", "nn"),
-        str(out / "b.png"),
-        str(out / "b.pdf"),
-        str(out / "b.csv"),
-        str(out / "b.md"),
-        prov,
     )
+    files = TableFigureFiles(*(str(out / f"b.{ext}") for ext in ("png", "pdf", "csv", "md", "html")))
+    table = make_fig3b(curves, files, prov)
     reported = table[table["reported"]].set_index("method")
     assert reported.loc["dift (zero-shot)", ["matching", "pck"]].tolist() == ["nn", 100.0]
     assert reported.loc["SD4Match (cpm)", ["matching", "pck"]].tolist() == ["kernel_softmax", 100.0]
     assert pd.read_csv(out / "b.csv")["pck"].tolist() == table["pck"].tolist()
     assert "| dift (zero-shot) | nn | 261 |" in (out / "b.md").read_text()
+    assert "Fig. 3b" in (out / "b.html").read_text() and not (out / "b.caption").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

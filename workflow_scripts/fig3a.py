@@ -3,11 +3,9 @@ case 1 (paired bootstrap) and the spread across seeds."""
 
 import pandas as pd
 
-from sd4match.io import write_text_atomic
 from sd4match.logs import log_to
-from sd4match.paper_figures import make_fig3a
+from sd4match.paper_figures import TableFigureFiles, make_fig3a
 from sd4match.provenance import build_provenance
-from sd4match.reporting import html_document, write_caption
 from sd4match.uncertainty import BootstrapSettings
 from sd4match.uncertainty_tables import PAIRED_NOTE, fig3a_uncertainty, table_notes
 
@@ -20,7 +18,4 @@ with log_to(snakemake.log[0]):  # noqa: F821
     def annotate(table: pd.DataFrame) -> pd.DataFrame:
         return fig3a_uncertainty(table, p.summary_paths, p.matching, settings, seeds=p.seed_paths)
 
-    table = make_fig3a(p.summary_paths, o.png, o.pdf, o.csv, o.md, p.matching, prov, annotate, notes)
-    title = "Fig. 3a — CPM conditioning ablation, SPair-71k PCK@0.1"
-    write_text_atomic(o.html, html_document(table, title, prov, notes))
-    write_caption(o.caption, prov, notes)
+    make_fig3a(p.summary_paths, p.matching, TableFigureFiles.from_rule(o), prov, annotate, notes)

@@ -3,11 +3,9 @@ spread across seeds."""
 
 import pandas as pd
 
-from sd4match.io import write_text_atomic
 from sd4match.logs import log_to
-from sd4match.paper_figures import make_fig3b
+from sd4match.paper_figures import TableFigureFiles, TimestepCurves, make_fig3b
 from sd4match.provenance import build_provenance
-from sd4match.reporting import html_document, write_caption
 from sd4match.uncertainty import BootstrapSettings
 from sd4match.uncertainty_tables import fig3b_uncertainty, table_notes
 
@@ -25,9 +23,5 @@ with log_to(snakemake.log[0]):  # noqa: F821
     def annotate(table: pd.DataFrame) -> pd.DataFrame:
         return fig3b_uncertainty(table, evaluations, settings, seeds=seeds)
 
-    table = make_fig3b(
-        p.sd4match, p.baseline, (ours, baseline), matching, o.png, o.pdf, o.csv, o.md, prov, annotate, notes
-    )
-    title = "Fig. 3b — PCK@0.1 on SPair-71k by timestep"
-    write_text_atomic(o.html, html_document(table, title, prov, notes))
-    write_caption(o.caption, prov, notes)
+    curves = TimestepCurves(p.sd4match, p.baseline, (ours, baseline), matching)
+    make_fig3b(curves, TableFigureFiles.from_rule(o), prov, annotate, notes)
