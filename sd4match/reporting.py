@@ -1243,35 +1243,67 @@ def zero_shot_dift_table(
     return pd.concat(frames, ignore_index=True)
 
 
+@dataclass(frozen=True)
+class TableSources:
+    """The evaluations a results table (Table 2, Table 3) is built from and how each is scored: zero-shot
+    summaries by method (Table 3: ``<method>/<dataset>``) with their ``zero_shot_protocols`` (default: the
+    squashed frame), SD4Match summaries by variant (Table 3: ``<trainset>/<variant>/<dataset>``) with the
+    variants' config, the reported matching of ours and of the zero-shot rows, and ``seeds``: same keys as
+    ``sd4match`` -> {seed: summary} of the runs behind it (a seeds row when there are several)."""
+
+    zero_shot: Mapping[str, str]
+    sd4match: Mapping[str, str]
+    variants: Mapping[str, Mapping[str, Any]]
+    matching: str
+    zero_shot_matching: str
+    zero_shot_protocols: Mapping[str, Any] | None = None
+    seeds: Mapping[str, Mapping[int, str]] | None = None
+
+    @classmethod
+    def from_rule(cls, params: Any) -> TableSources:
+        """From a table rule's params of the same names."""
+        return cls(
+            params.zero_shot,
+            params.sd4match,
+            params.variants,
+            params.matching,
+            params.zero_shot_matching,
+            params.zero_shot_protocols,
+            params.seeds,
+        )
+
+    def zero_shot_fields(self, method: str) -> dict[str, Any]:
+        """A zero-shot method's row fields: label, matching and protocol (``_zero_shot_entry``)."""
+        return _zero_shot_entry(method, dict(self.zero_shot_protocols or {}), self.zero_shot_matching)
+
+    def seed_paths(self, key: str) -> Mapping[int, str] | None:
+        """The seed runs behind SD4Match summary ``key`` (None: one run)."""
+        return (self.seeds or {}).get(key)
+
+
 def table2_from_files(
-    zero_shot: dict[str, str],
-    sd4match: dict[str, str],
-    variants: dict[str, dict[str, Any]],
-    matching: str,
-    zero_shot_matching: str,
-    zero_shot_protocols: dict[str, Any] | None = None,
+    sources: TableSources,
     intervals: BootstrapSettings | None = None,
-    seeds: Mapping[str, Mapping[int, str]] | None = None,
     released: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Full Table 2 from summary files: zero-shot methods (keys of ZERO_SHOT_LABELS, with their
-    ``zero_shot_protocols``; default: the squashed frame) and SPair-tuned SD4Match variants (the paper's CPM
-    design maps to its CPM row; ablations get no paper row).
+    """Full Table 2 from summary files: zero-shot methods (keys of ZERO_SHOT_LABELS) and SPair-tuned SD4Match
+    variants (the paper's CPM design maps to its CPM row; ablations get no paper row).
 
-    ``intervals``: bootstrap every printed cell from the per-pair CSV beside its summary; ``seeds``: variant
-    -> {seed: summary} of its runs (a seeds row when there are several); ``released``: variant kind -> the
-    SPair-71k summary of the authors' released prompt tuned on SPair-71k (a row beside ours and the paper's).
+    ``intervals``: bootstrap every printed cell from the per-pair CSV beside its summary; ``released``:
+    variant kind -> the SPair-71k summary of the authors' released prompt tuned on SPair-71k (a row beside
+    ours and the paper's).
     """
     read = _evaluation_reader(intervals, [float(load_paper_tables()["table2"]["alpha"])])
-    paper_cpm = paper_cpm_variants(variants)
+    matching, variants = sources.matching, sources.variants
+    paper_cpm = paper_cpm_variants(dict(variants))
     entries: dict[str, Table2Entry] = {}
-    for method, path in zero_shot.items():
-        fields = _zero_shot_entry(method, zero_shot_protocols or {}, zero_shot_matching)
+    for method, path in sources.zero_shot.items():
+        fields = sources.zero_shot_fields(method)
         entries[method] = Table2Entry("Z", read(path, fields["matching"]), **fields)
-    for variant, path in sd4match.items():
+    for variant, path in sources.sd4match.items():
         kind = variants[variant]["kind"]
         paper_row = _paper_row_for(kind, variant in paper_cpm)
-        spread = read_seed_spread((seeds or {}).get(variant))
+        spread = read_seed_spread(sources.seed_paths(variant))
         entries[variant_label(kind, variant)] = Table2Entry(
             "K", read(path, matching), matching, paper_row, seeds=spread
         )
@@ -1285,36 +1317,30 @@ def table2_from_files(
 
 
 def table3_from_files(
-    zero_shot: dict[str, str],
+    sources: TableSources,
     runs: list[tuple[str, str]],
-    sd4match: dict[str, str],
-    variants: dict[str, dict[str, Any]],
-    matching: str,
-    zero_shot_matching: str,
-    zero_shot_protocols: dict[str, Any] | None = None,
     intervals: BootstrapSettings | None = None,
-    seeds: Mapping[str, Mapping[int, str]] | None = None,
     released: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Full Table 3 from summary files keyed ``<method>/<dataset>`` (zero-shot, in the given order, with their
-    ``zero_shot_protocols``) and ``<trainset>/<variant>/<dataset>`` (SD4Match runs evaluated on all three test
-    sets).
+    """Full Table 3 from summary files keyed ``<method>/<dataset>`` (zero-shot, in the given order) and
+    ``<trainset>/<variant>/<dataset>`` (the SD4Match ``runs``, evaluated on all three test sets).
 
-    ``intervals``, ``seeds`` (same keys as ``sd4match`` -> {seed: summary}) and ``released`` (keys
-    ``<trainset>/<variant kind>/<dataset>``: the authors' released prompts; those evaluated on the three test
-    sets get a row beside ours and the paper's) as in ``table2_from_files``."""
+    ``intervals`` as in ``table2_from_files``; ``released`` (keys ``<trainset>/<variant kind>/<dataset>``):
+    the authors' released prompts; those evaluated on the three test sets get a row beside ours and the
+    paper's."""
     read = _evaluation_reader(intervals, None)
-    paper_cpm = paper_cpm_variants(variants)
+    matching, variants, zero_shot = sources.matching, sources.variants, sources.zero_shot
+    paper_cpm = paper_cpm_variants(dict(variants))
     entries: dict[str, Table3Entry] = {}
     for method in dict.fromkeys(key.split("/")[0] for key in zero_shot):
-        fields = _zero_shot_entry(method, zero_shot_protocols or {}, zero_shot_matching)
+        fields = sources.zero_shot_fields(method)
         summaries = {d: read(zero_shot[f"{method}/{d}"], fields["matching"]) for d in DATASET_NAMES}
         entries[method] = Table3Entry("Z", summaries, **fields)
     for trainset, variant in runs:
         kind = variants[variant]["kind"]
         keys = {d: f"{trainset}/{variant}/{d}" for d in DATASET_NAMES}
-        summaries = {d: read(sd4match[key], matching) for d, key in keys.items()}
-        spread = {d: read_seed_spread((seeds or {}).get(key)) for d, key in keys.items()}
+        summaries = {d: read(sources.sd4match[key], matching) for d, key in keys.items()}
+        spread = {d: read_seed_spread(sources.seed_paths(key)) for d, key in keys.items()}
         label = variant_label(kind, variant)
         paper_row = _paper_row_for(kind, variant in paper_cpm)
         entries[f"{label} ({trainset})"] = Table3Entry(

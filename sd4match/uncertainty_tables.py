@@ -23,6 +23,7 @@ from sd4match.reporting import (
     PAPER_ROW_OF_KIND,
     PCK_VARIANT,
     ZERO_SHOT_LABELS,
+    TableSources,
     load_paper_tables,
     spair_short_names,
     variant_label,
@@ -105,18 +106,13 @@ class Comparison:
     matching_b: str
 
 
-def table2_comparisons(
-    zero_shot: Mapping[str, PathLike],
-    sd4match: Mapping[str, PathLike],
-    variants: Mapping[str, Mapping[str, Any]],
-    matching: str,
-    zero_shot_matching: str,
-    zero_shot_protocols: Mapping[str, Any] | None = None,
-) -> list[Comparison]:
+def table2_comparisons(sources: TableSources) -> list[Comparison]:
     """The comparisons a Table 2 reader asks about: every SPair-tuned variant against SD4Match-Single (CPM
     vs Single: does conditioning help?) and against DIFT (ours vs the zero-shot SD baseline) when DIFT is
     measured by our protocol (``dift``, the squashed frame; ``zero_shot_protocols`` as in
     ``reporting.table2_from_files``): a difference across protocols would mix frames."""
+    zero_shot, sd4match, variants = sources.zero_shot, sources.sd4match, sources.variants
+    matching, zero_shot_matching = sources.matching, sources.zero_shot_matching
     order = list(PAPER_ROW_OF_KIND)
     ranked = sorted(sd4match, key=lambda v: (order.index(variants[v]["kind"]), v != variants[v]["kind"], v))
     label = {v: variant_label(variants[v]["kind"], v) for v in ranked}
@@ -134,7 +130,7 @@ def table2_comparisons(
                     matching,
                 )
             )
-    if "dift" in zero_shot and RowProtocol.coerce((zero_shot_protocols or {}).get("dift")) == OURS:
+    if "dift" in zero_shot and RowProtocol.coerce((sources.zero_shot_protocols or {}).get("dift")) == OURS:
         dift = ZERO_SHOT_LABELS["dift"]
         for variant in ranked:
             out.append(

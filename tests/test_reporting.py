@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from sd4match import reporting
+from sd4match.reporting import TableSources
 from sd4match.table_protocols import PROTOCOL_LEGEND
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "sd4match-paper.txt"
@@ -833,11 +834,13 @@ def test_table2_from_files_has_one_clean_label_per_row(tmp_path: Path) -> None:
         paths[name] = tmp_path / f"{name}.csv"
         _both_matchings(value, (0.1,), categories).to_csv(paths[name], index=False)
     table = reporting.table2_from_files(
-        {"dino": paths["dino"], "dift": paths["dift"]},
-        {v: paths[v] for v in ("single", "cpm", "cpm_no_gn")},
-        VARIANTS,
-        "kernel_softmax",
-        "nn",
+        TableSources(
+            {"dino": paths["dino"], "dift": paths["dift"]},
+            {v: paths[v] for v in ("single", "cpm", "cpm_no_gn")},
+            VARIANTS,
+            "kernel_softmax",
+            "nn",
+        )
     )
     ours = table[table["source"] == "ours"]
     assert list(ours["method"]) == [
@@ -861,7 +864,9 @@ def test_table3_from_files_keeps_each_training_set(tmp_path: Path) -> None:
         for t, value in (("spair", 80.0), ("pfpascal", 60.0))
         for d in ("pfpascal", "pfwillow", "spair")
     }
-    table = reporting.table3_from_files(zero_shot, runs, sd4match, VARIANTS, "kernel_softmax", "nn")
+    table = reporting.table3_from_files(
+        TableSources(zero_shot, sd4match, VARIANTS, "kernel_softmax", "nn"), runs
+    )
     ours = table[table["source"] == "ours"]
     assert list(ours["method"]) == ["DIFT", "SD4Match-CPM", "SD4Match-CPM"]
     assert list(ours["trained_on"]) == ["-", "PF-Pascal", "SPair-71k"]
@@ -998,17 +1003,16 @@ def _table2_world(tmp_path: Path) -> pd.DataFrame:
     seed0 = _evaluation(tmp_path, "s0", {"aeroplane": _some_right(7, 3), "bicycle": _some_right(5, 5)})
     seed1 = _evaluation(tmp_path, "s1", {"aeroplane": _some_right(8, 2), "bicycle": _some_right(6, 4)})
     released = _evaluation(tmp_path, "released", {"aeroplane": _right(2), "bicycle": _right(2)})
-    return reporting.table2_from_files(
+    sources = TableSources(
         {"dift_orig": dift},
         {"single": seed0},
         {"single": {"kind": "single"}},
         "kernel_softmax",
         "nn",
         zero_shot_protocols=protocols,
-        intervals=BootstrapSettings(),
         seeds={"single": {0: seed0, 1: seed1}},
-        released={"single": released},
     )
+    return reporting.table2_from_files(sources, intervals=BootstrapSettings(), released={"single": released})
 
 
 def test_table2_all_right_method_has_a_zero_width_interval_and_the_paper_outside(tmp_path: Path) -> None:
@@ -1059,10 +1063,12 @@ def test_table2_two_seeds_give_mean_and_sample_std_beside_the_primary_seed(tmp_p
     # one seed: no seeds row, nothing extra printed
     from sd4match.uncertainty import BootstrapSettings
 
-    one = reporting.table2_from_files(
-        {}, {"single": str(tmp_path / "s0/summary.csv")}, {"single": {"kind": "single"}}, "kernel_softmax",
-        "nn", intervals=BootstrapSettings(), seeds={"single": {0: str(tmp_path / "s0/summary.csv")}},
+    summary = str(tmp_path / "s0/summary.csv")
+    sources = TableSources(
+        {}, {"single": summary}, {"single": {"kind": "single"}}, "kernel_softmax", "nn",
+        seeds={"single": {0: summary}},
     )  # fmt: skip
+    one = reporting.table2_from_files(sources, intervals=BootstrapSettings())
     assert "seeds" not in set(one["source"]) and "n_seeds" not in one.columns
 
 
@@ -1108,8 +1114,8 @@ def test_table3_released_rows_need_all_three_test_sets_and_seed_rows_per_dataset
     released = {f"pfpascal/single/{d}": path for d, path in evaluation("rel", 2, 0).items()}
     released["spair/class/spair"] = evaluation("class", 2, 0)["spair"]  # on SPair-71k only: not in Table 3
     table = reporting.table3_from_files(
-        zero_shot, [("spair", "cpm")], sd4match, VARIANTS, "kernel_softmax", "nn",
-        intervals=BootstrapSettings(), seeds=seeds, released=released,
+        TableSources(zero_shot, sd4match, VARIANTS, "kernel_softmax", "nn", seeds=seeds), [("spair", "cpm")],
+        intervals=BootstrapSettings(), released=released,
     )  # fmt: skip
     columns = ("PF-Pascal@0.1", "PF-Willow@0.1", "SPair-71k@0.1")
     seeds_row = _cells(table, "SD4Match-CPM", "seeds", columns)
@@ -1132,7 +1138,7 @@ def test_paired_table_of_constant_per_pair_differences_is_exact(tmp_path: Path) 
     cpm = _evaluation(tmp_path, "cpm", {"aeroplane": _right(4), "bicycle": _right(3)})
     dift = _evaluation(tmp_path, "dift", {"aeroplane": [(0, 2)] * 4, "bicycle": [(0, 2)] * 3}, method="nn")
     comparisons = table2_comparisons(
-        {"dift": dift}, {"cpm": cpm, "single": single}, VARIANTS, "kernel_softmax", "nn"
+        TableSources({"dift": dift}, {"cpm": cpm, "single": single}, VARIANTS, "kernel_softmax", "nn")
     )
     table = paired_table(comparisons, BootstrapSettings())
     assert list(table["method"]) == [
@@ -1317,7 +1323,9 @@ def test_table2_puts_each_peer_by_its_own_protocol_beside_the_paper(tmp_path: Pa
         _both_matchings(value, (0.1,), categories).to_csv(paths[method], index=False)
     protocols = reporting.zero_shot_protocols(PEER_METHODS)
     # the tables' zero-shot matching is kernel-softmax here: the peers' own protocols keep their NN
-    table = reporting.table2_from_files(paths, {}, VARIANTS, "kernel_softmax", "kernel_softmax", protocols)
+    table = reporting.table2_from_files(
+        TableSources(paths, {}, VARIANTS, "kernel_softmax", "kernel_softmax", protocols)
+    )
     zero_shot = table[table["group"] == "Z"]
     assert [tuple(r) for r in zero_shot[["method", "source", "matching", "pck", "protocol"]].to_numpy()] == [
         ("DINO [3]", "paper", "", "as reported", "unstated"),
@@ -1363,7 +1371,9 @@ def test_table3_and_the_zero_shot_dift_table_name_each_protocol(tmp_path: Path) 
         for dataset, summary in _summaries().items():
             paths[f"{method}/{dataset}"] = tmp_path / f"{method}_{dataset}.csv"
             summary.to_csv(paths[f"{method}/{dataset}"], index=False)
-    table3 = reporting.table3_from_files(paths, [], {}, VARIANTS, "kernel_softmax", "nn", protocols)
+    table3 = reporting.table3_from_files(
+        TableSources(paths, {}, VARIANTS, "kernel_softmax", "nn", protocols), []
+    )
     ours = table3[table3["source"] == "ours"]
     assert list(zip(ours["method"], ours["protocol"], strict=True)) == [
         ("DIFT", "original frame (DIFT's eval)"), ("DIFT", "squashed frame")
@@ -1379,15 +1389,15 @@ def test_peer_rows_by_their_own_protocols_carry_intervals_of_their_estimators(tm
     # (pooled per keypoint: 37.5), and no resample moves it: [75.0, 75.0]; the paper's 59.3 lies outside
     sddino = _evaluation(tmp_path, "sddino", {"aeroplane": _right(3, 1), "bicycle": [(0, 5)]}, method="nn")
     dift = _evaluation(tmp_path, "dift_orig", {"aeroplane": _right(2), "bicycle": _right(2)}, method="nn")
-    table = reporting.table2_from_files(
+    sources = TableSources(
         {"dift_orig": dift, "sddino": sddino},
         {},
         VARIANTS,
         "kernel_softmax",
         "kernel_softmax",
         zero_shot_protocols=reporting.zero_shot_protocols(PEER_METHODS),
-        intervals=BootstrapSettings(),
     )
+    table = reporting.table2_from_files(sources, intervals=BootstrapSettings())
     z = table[table["group"] == "Z"]
     peer = z[(z["method"] == "SD+DINO") & (z["source"] == "ours")].iloc[0]
     assert peer["protocol"] == "padded 840×840 (sd-dino's eval)"

@@ -4,7 +4,7 @@ seed spreads and the authors' released prompts, and its companion table of paire
 from sd4match.logs import log_to
 from sd4match.provenance import build_provenance
 from sd4match.released_tables import released_for_tables
-from sd4match.reporting import table2_from_files, write_table
+from sd4match.reporting import TableSources, table2_from_files, write_table
 from sd4match.uncertainty import BootstrapSettings
 from sd4match.uncertainty_tables import PAIRED_NOTE, paired_table, table2_comparisons, table_notes
 
@@ -12,26 +12,14 @@ with log_to(snakemake.log[0]):  # noqa: F821
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
     settings = BootstrapSettings()
     released, _ = released_for_tables(i.released)
-    table = table2_from_files(
-        p.zero_shot,
-        p.sd4match,
-        p.variants,
-        p.matching,
-        p.zero_shot_matching,
-        intervals=settings,
-        seeds=p.seeds,
-        released=released,
-        zero_shot_protocols=p.zero_shot_protocols,
-    )
+    sources = TableSources.from_rule(p)
+    table = table2_from_files(sources, intervals=settings, released=released)
     prov = build_provenance(record_paths=i.models, **p.provenance)
     notes = table_notes(i.pairs, settings, p.max_pairs)
     title = "Table 2 — SPair-71k PCK@0.1 per category"
     write_table(table, o.csv, o.md, title, prov, html_path=o.html, caption_path=o.caption, notes=notes)
-    comparisons = table2_comparisons(
-        p.zero_shot, p.sd4match, p.variants, p.matching, p.zero_shot_matching, p.zero_shot_protocols
-    )
     write_table(
-        paired_table(comparisons, settings),
+        paired_table(table2_comparisons(sources), settings),
         o.paired_csv,
         o.paired_md,
         "Table 2 — paired differences on SPair-71k, PCK@0.1 per category",

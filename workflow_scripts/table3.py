@@ -4,7 +4,7 @@ intervals, seed spreads and the authors' released prompts."""
 from sd4match.logs import log_to
 from sd4match.provenance import build_provenance
 from sd4match.released_tables import released_for_tables
-from sd4match.reporting import table3_from_files, write_table
+from sd4match.reporting import TableSources, table3_from_files, write_table
 from sd4match.uncertainty import BootstrapSettings
 from sd4match.uncertainty_tables import table_notes
 
@@ -13,18 +13,7 @@ with log_to(snakemake.log[0]):  # noqa: F821
     settings = BootstrapSettings()
     runs = [tuple(run) for run in p.runs]
     _, released = released_for_tables(i.released)
-    table = table3_from_files(
-        p.zero_shot,
-        runs,
-        p.sd4match,
-        p.variants,
-        p.matching,
-        p.zero_shot_matching,
-        intervals=settings,
-        seeds=p.seeds,
-        released=released,
-        zero_shot_protocols=p.zero_shot_protocols,
-    )
+    table = table3_from_files(TableSources.from_rule(p), runs, intervals=settings, released=released)
     prov = build_provenance(record_paths=i.models, **p.provenance)
     write_table(
         table,
