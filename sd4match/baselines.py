@@ -740,8 +740,56 @@ class ImageParts:
     dino: Tensor | None
 
 
+def co_pca_fusion(maps: Sequence[Tensor], pca_dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """SD+DINO's per-pair SD part: co-PCA of each pair map (2, C, h, w) to its ``pca_dims`` (capped at C),
+    pyramid fusion, L2 normalisation: two (C', h, w) maps."""
+    reduced = [co_pca(m[0], m[1], min(dim, m.shape[1])) for m, dim in zip(maps, pca_dims, strict=True)]
+    src = fuse_pyramid([r[0][None] for r in reduced])[0]
+    trg = fuse_pyramid([r[1][None] for r in reduced])[0]
+    return F.normalize(src, dim=0), F.normalize(trg, dim=0)
+
+
+@dataclass(frozen=True)
+class SDDinoSettings:
+    """How SD+DINO(*) computes features (sd-dino's values by default): the SD input size, the noise timestep
+    and ensemble, the decoder blocks and their co-PCA sizes, DINO's input size and final norm, the noise seed,
+    images per UNet call and the input frame (``squash``: this pipeline's S x S; ``pad``: sd-dino's
+    square)."""
+
+    sd_image_size: int = 960
+    timestep: int = 100
+    ensemble: int = 1
+    block_indices: tuple[int, ...] = SD_DINO_BLOCKS
+    pca_dims: tuple[int, ...] = SD_DINO_PCA_DIMS
+    dino_image_size: int = 840
+    dino_final_norm: bool = False
+    seed: int = 0
+    max_batch: int = 8
+    preprocess: str = "squash"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timestep", int(self.timestep))
+        object.__setattr__(self, "block_indices", tuple(self.block_indices))
+        object.__setattr__(self, "pca_dims", tuple(self.pca_dims))
+        if self.preprocess not in SD_DINO_PREPROCESS:
+            raise ValueError(
+                f"SDDinoFeaturizer: preprocess must be one of {SD_DINO_PREPROCESS}, got {self.preprocess!r}"
+            )
+        if len(self.pca_dims) != len(self.block_indices):
+            raise ValueError(
+                f"SDDinoFeaturizer: {len(self.pca_dims)} pca_dims for {len(self.block_indices)} blocks "
+                f"{self.block_indices}"
+            )
+        if self.ensemble < 1 or self.max_batch < 1 or min(self.pca_dims) < 1:
+            raise ValueError(
+                f"SDDinoFeaturizer: ensemble, max_batch and pca_dims must be >= 1, got "
+                f"{self.ensemble}, {self.max_batch}, {self.pca_dims}"
+            )
+
+
 class SDDinoFeaturizer:
-    """SD+DINO (``dino`` given) or SD+DINO* (``dino=None``) features of an image pair.
+    """SD+DINO (``dino`` given) or SD+DINO* (``dino=None``) features of an image pair, computed as its
+    ``SDDinoSettings`` say (the names below are its fields).
 
     SD part: latent = VAE posterior mean x scaling factor (ODISE's deterministic encoding); ``ensemble``
     noise draws at ``timestep`` from a generator seeded with ``seed`` and shared by every image (ODISE's
@@ -758,57 +806,28 @@ class SDDinoFeaturizer:
         components: SDComponents,
         conditioning: ConditioningFn,
         dino: nn.Module | None = None,
+        settings: SDDinoSettings | None = None,
         *,
-        sd_image_size: int = 960,
-        timestep: int = 100,
-        ensemble: int = 1,
-        block_indices: Sequence[int] = SD_DINO_BLOCKS,
-        pca_dims: Sequence[int] = SD_DINO_PCA_DIMS,
-        dino_image_size: int = 840,
-        dino_final_norm: bool = False,
-        seed: int = 0,
         device: str | torch.device = "cpu",
         autocast_dtype: torch.dtype | None = None,
-        max_batch: int = 8,
-        preprocess: str = "squash",
     ) -> None:
-        if preprocess not in SD_DINO_PREPROCESS:
-            raise ValueError(
-                f"SDDinoFeaturizer: preprocess must be one of {SD_DINO_PREPROCESS}, got {preprocess!r}"
-            )
-        if len(pca_dims) != len(block_indices):
-            raise ValueError(
-                f"SDDinoFeaturizer: {len(pca_dims)} pca_dims for {len(block_indices)} blocks "
-                f"{tuple(block_indices)}"
-            )
-        if ensemble < 1 or max_batch < 1 or min(pca_dims) < 1:
-            raise ValueError(
-                f"SDDinoFeaturizer: ensemble, max_batch and pca_dims must be >= 1, got "
-                f"{ensemble}, {max_batch}, {tuple(pca_dims)}"
-            )
-        for index in block_indices:
+        settings = SDDinoSettings() if settings is None else settings
+        for index in settings.block_indices:
             decoder_feature_layer(components.unet, index)
         if dino is not None:
-            check_vit_size(dino, dino_image_size)
+            check_vit_size(dino, settings.dino_image_size)
         n_steps = int(components.scheduler.config.num_train_timesteps)
-        if not 0 <= int(timestep) < n_steps:
-            raise ValueError(f"SDDinoFeaturizer: timestep must be in [0, {n_steps}), got {timestep}")
-        self.sd = SDFeaturizer(components, device=device, autocast_dtype=autocast_dtype, max_batch=max_batch)
+        if not 0 <= settings.timestep < n_steps:
+            raise ValueError(f"SDDinoFeaturizer: timestep must be in [0, {n_steps}), got {settings.timestep}")
+        self.settings = settings
+        self.sd = SDFeaturizer(
+            components, device=device, autocast_dtype=autocast_dtype, max_batch=settings.max_batch
+        )
         self.unet = components.unet
         self.conditioning = conditioning
         self.dino = dino
-        self.sd_image_size = sd_image_size
-        self.timestep = int(timestep)
-        self.ensemble = ensemble
-        self.block_indices = tuple(block_indices)
-        self.pca_dims = tuple(pca_dims)
-        self.dino_image_size = dino_image_size
-        self.dino_final_norm = dino_final_norm
-        self.seed = seed
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
-        self.max_batch = max_batch
-        self.preprocess = preprocess
         self.unet_passes = 0
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -820,17 +839,17 @@ class SDDinoFeaturizer:
     @torch.no_grad()
     def latents(self, images: Sequence[Image.Image]) -> Tensor:
         """Scaled VAE posterior means (B, 4, S/8, S/8) of images resized to ``sd_image_size``."""
-        pixels = self.sd.preprocess(list(images), self.sd_image_size)
+        pixels = self.sd.preprocess(list(images), self.settings.sd_image_size)
         mean, _ = self.sd.latent_distribution(pixels)
         return mean * self.sd.scaling_factor
 
     def shared_noise(self, latent_shape: Sequence[int]) -> list[Tensor]:
         """``ensemble`` noise tensors (1, 4, h, w) drawn from ``seed``: the same for every image."""
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        generator = torch.Generator(device="cpu").manual_seed(self.settings.seed)
         shape = (1, *latent_shape[1:])
         return [
             randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-            for _ in range(self.ensemble)
+            for _ in range(self.settings.ensemble)
         ]
 
     def _batched(self, conditioning: SDConditioning, batch: int) -> tuple[Tensor, Tensor | None]:
@@ -841,14 +860,16 @@ class SDDinoFeaturizer:
                 f"SDDinoFeaturizer: encoder_hidden_states must be ({batch} or 1, L, D), "
                 f"got {tuple(hidden.shape)}"
             )
-        hidden = hidden.to(self.device, self.unet.dtype).expand(batch, -1, -1).repeat(self.ensemble, 1, 1)
+        hidden = (
+            hidden.to(self.device, self.unet.dtype).expand(batch, -1, -1).repeat(self.settings.ensemble, 1, 1)
+        )
         cond = conditioning.time_condition
         if cond is not None:
             if cond.ndim != 2 or cond.shape[0] not in (1, batch):
                 raise ValueError(
                     f"SDDinoFeaturizer: time_condition must be ({batch} or 1, T), got {tuple(cond.shape)}"
                 )
-            cond = cond.to(self.device).expand(batch, -1).repeat(self.ensemble, 1)
+            cond = cond.to(self.device).expand(batch, -1).repeat(self.settings.ensemble, 1)
         return hidden, cond
 
     @torch.no_grad()
@@ -858,40 +879,39 @@ class SDDinoFeaturizer:
         batch = latents.shape[0]
         hidden, cond = self._batched(self.conditioning(list(images), list(categories)), batch)
         noise = torch.cat([n.expand_as(latents) for n in self.shared_noise(latents.shape)])
-        noisy = self.sd.add_noise(latents.repeat(self.ensemble, 1, 1, 1), noise, self.timestep)
+        noisy = self.sd.add_noise(
+            latents.repeat(self.settings.ensemble, 1, 1, 1), noise, self.settings.timestep
+        )
         chunks: list[list[Tensor]] = []
-        for start in range(0, noisy.shape[0], self.max_batch):
-            stop = start + self.max_batch
+        for start in range(0, noisy.shape[0], self.settings.max_batch):
+            stop = start + self.settings.max_batch
             with self._autocast():
                 maps = capture_decoder_features(
                     self.unet,
                     noisy[start:stop].to(self.unet.dtype),
-                    self.timestep,
+                    self.settings.timestep,
                     hidden[start:stop],
-                    self.block_indices,
+                    self.settings.block_indices,
                     None if cond is None else cond[start:stop],
                 )
             chunks.append([m.float() for m in maps])
             self.unet_passes += 1
-        per_block = [torch.cat([chunk[i] for chunk in chunks]) for i in range(len(self.block_indices))]
-        return [m.unflatten(0, (self.ensemble, batch)).mean(dim=0) for m in per_block]
+        per_block = [
+            torch.cat([chunk[i] for chunk in chunks]) for i in range(len(self.settings.block_indices))
+        ]
+        return [m.unflatten(0, (self.settings.ensemble, batch)).mean(dim=0) for m in per_block]
 
     def sd_part(self, maps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """co-PCA of each pair map (2, C, h, w), pyramid fusion, L2 normalisation: two (C', h, w) maps."""
-        reduced = [
-            co_pca(m[0], m[1], min(dim, m.shape[1])) for m, dim in zip(maps, self.pca_dims, strict=True)
-        ]
-        src = fuse_pyramid([r[0][None] for r in reduced])[0]
-        trg = fuse_pyramid([r[1][None] for r in reduced])[0]
-        return F.normalize(src, dim=0), F.normalize(trg, dim=0)
+        """The pair's SD part at the settings' ``pca_dims`` (``co_pca_fusion``)."""
+        return co_pca_fusion(maps, self.settings.pca_dims)
 
     def dino_part(self, images: Sequence[Image.Image], grid: Sequence[int]) -> Tensor:
         """DINO patch features (B, C, h, w) on the SD grid (bilinear resize if needed), L2-normalised."""
         if self.dino is None:
             raise ValueError("SDDinoFeaturizer: no DINO model (SD+DINO* has no DINO part)")
-        feats = vit_patch_features(self.dino, images, self.dino_image_size, self.dino_final_norm).to(
-            self.device
-        )
+        feats = vit_patch_features(
+            self.dino, images, self.settings.dino_image_size, self.settings.dino_final_norm
+        ).to(self.device)
         if tuple(feats.shape[-2:]) != tuple(grid):
             feats = F.normalize(
                 F.interpolate(feats, size=tuple(grid), mode="bilinear", align_corners=False), dim=1
@@ -900,17 +920,21 @@ class SDDinoFeaturizer:
 
     def _inputs(self, images: Sequence[Image.Image], size: int) -> list[Image.Image]:
         """The images as a network sees them: as given (its preprocessing squashes them) or padded to size."""
-        return list(images) if self.preprocess == "squash" else [pad_image(image, size) for image in images]
+        return (
+            list(images)
+            if self.settings.preprocess == "squash"
+            else [pad_image(image, size) for image in images]
+        )
 
     @torch.no_grad()
     def image_parts(self, images: Sequence[Image.Image], categories: Sequence[str]) -> list[ImageParts]:
         """The per-image parts of each image (one batch: every network sees each image once). With
         ``preprocess="pad"`` SD and the captioner's CLIP see the image padded to ``sd_image_size``, DINO to
         ``dino_image_size`` (sd-dino's inputs)."""
-        maps = self.sd_maps(self._inputs(images, self.sd_image_size), categories)
+        maps = self.sd_maps(self._inputs(images, self.settings.sd_image_size), categories)
         dino = None
         if self.dino is not None:
-            dino = self.dino_part(self._inputs(images, self.dino_image_size), maps[-1].shape[-2:])
+            dino = self.dino_part(self._inputs(images, self.settings.dino_image_size), maps[-1].shape[-2:])
         return [
             ImageParts([m[i] for m in maps], None if dino is None else dino[i]) for i in range(len(images))
         ]
@@ -993,7 +1017,7 @@ def evaluate_sd_dino(
     One category's parts stay on the device at a time (SD 1-5 at 960 px + DINOv2 at 840 px: ~26 MB per
     image, SPair-71k test categories have 25-30 images).
     """
-    image_batch = featurizer.max_batch if image_batch is None else image_batch
+    image_batch = featurizer.settings.max_batch if image_batch is None else image_batch
     if scorer is None:
 
         def scorer(row: Any, src: Tensor, trg: Tensor) -> list[PairScore]:

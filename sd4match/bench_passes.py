@@ -134,10 +134,10 @@ def sd_dino_passes(
         pairs = synthetic_pairs(root, categories, images_per_category)
         captioner = B.build_implicit_captioner(tiny["clip"], tiny["processor"], tiny["sd15"])
         B.load_implicit_captioner_weights(captioner, tiny["captioner"])
+        settings = B.SDDinoSettings(sd_image_size=image_size, dino_image_size=112, ensemble=ensemble)
         featurizer = B.SDDinoFeaturizer(
-            tiny["sd15"], B.captioner_conditioning(captioner), tiny["dinov2"], sd_image_size=image_size,
-            dino_image_size=112, ensemble=ensemble,
-        )  # fmt: skip
+            tiny["sd15"], B.captioner_conditioning(captioner), tiny["dinov2"], settings
+        )
         watched = {
             "unet": tiny["sd15"].unet,
             "vae": tiny["sd15"].vae.encoder,

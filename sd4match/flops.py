@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -169,14 +168,12 @@ class FlopMeter:
 
     def co_pca(self, arch: str, size: int, blocks: Sequence[int], dims: Sequence[int]) -> int:
         """The SD+DINO per-pair part: co-PCA of each decoder map of the two images and the pyramid fusion."""
-        from sd4match.baselines import SDDinoFeaturizer
+        from sd4match.baselines import co_pca_fusion
 
         shapes = self.decoder_map_shapes(arch, size, blocks)
         maps = [torch.empty(2, *shape, device=META) for shape in shapes]
-        owner = SimpleNamespace(pca_dims=tuple(dims))
         return self._cached(
-            ("co_pca", arch, size, tuple(blocks), tuple(dims)),
-            lambda: SDDinoFeaturizer.sd_part(owner, maps),  # type: ignore[arg-type]
+            ("co_pca", arch, size, tuple(blocks), tuple(dims)), lambda: co_pca_fusion(maps, tuple(dims))
         )
 
     def cpm_prompt(self, arch: str, cpm: dict[str, Any] | None) -> int:

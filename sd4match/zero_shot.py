@@ -94,6 +94,7 @@ def _vit_scorer(model, method, alphas, predictions=None):
 def _sd_dino_featurizer(method, records, captioner: Captioner | None, features, seed, device):
     from sd4match.baselines import (
         SDDinoFeaturizer,
+        SDDinoSettings,
         build_implicit_captioner,
         captioner_conditioning,
         load_implicit_captioner_weights,
@@ -114,19 +115,22 @@ def _sd_dino_featurizer(method, records, captioner: Captioner | None, features, 
     if method.get("dino_model"):
         dino, _ = load_dinov2(read_model_record(records["dino_model"]).local_path, device=device)
     noise_seed = method.get("noise_seed")
-    featurizer = SDDinoFeaturizer(
-        components,
-        conditioning,
-        dino,
+    settings = SDDinoSettings(
         sd_image_size=method["image_size"],
         timestep=method["timestep"],
         ensemble=method["ensemble"],
         dino_image_size=method["dino_image_size"],
         seed=seed if noise_seed is None else noise_seed,
-        device=device,
-        autocast_dtype=AUTOCAST[features["precision"]] if device.startswith("cuda") else None,
         max_batch=features["max_unet_batch"],
         preprocess="pad" if method_protocol(method) == "padded" else "squash",
+    )
+    featurizer = SDDinoFeaturizer(
+        components,
+        conditioning,
+        dino,
+        settings,
+        device=device,
+        autocast_dtype=AUTOCAST[features["precision"]] if device.startswith("cuda") else None,
     )
     return featurizer
 

@@ -297,9 +297,7 @@ def test_sd_dino_on_the_real_architectures(sd15, dinov2, photos, with_dino):
         sd15,
         B.captioner_conditioning(captioner),
         dinov2[0] if with_dino else None,
-        sd_image_size=960,
-        timestep=100,
-        dino_image_size=840,
+        B.SDDinoSettings(sd_image_size=960, timestep=100, dino_image_size=840),
         device=META,
     )
     keys = [ImageKey(f"im{i}.jpg", False, "cat") for i in range(3)]

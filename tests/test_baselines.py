@@ -478,14 +478,11 @@ def test_fuse_pyramid_by_hand():
 
 
 def _featurizer(tiny, dino: bool, **kwargs) -> B.SDDinoFeaturizer:
+    settings = B.SDDinoSettings(
+        sd_image_size=SD_SIZE, dino_image_size=kwargs.pop("dino_image_size", DINO_SIZE), seed=3, **kwargs
+    )
     return B.SDDinoFeaturizer(
-        tiny["sd"],
-        B.captioner_conditioning(_captioner(tiny)),
-        tiny["dinov2"] if dino else None,
-        sd_image_size=SD_SIZE,
-        dino_image_size=kwargs.pop("dino_image_size", DINO_SIZE),
-        seed=3,
-        **kwargs,
+        tiny["sd"], B.captioner_conditioning(_captioner(tiny)), tiny["dinov2"] if dino else None, settings
     )
 
 
@@ -554,13 +551,15 @@ def test_dino_grid_resized_to_the_sd_grid(tiny):
 
 def test_sd_dino_with_text_conditioning_and_bad_settings(tiny):
     prompt = TextPrompt("a photo of a {category}", tiny["sd"].text_encoder, tiny["sd"].tokenizer)
-    featurizer = B.SDDinoFeaturizer(tiny["sd"], B.text_conditioning(prompt), sd_image_size=SD_SIZE)
+    featurizer = B.SDDinoFeaturizer(
+        tiny["sd"], B.text_conditioning(prompt), settings=B.SDDinoSettings(sd_image_size=SD_SIZE)
+    )
     src, _ = featurizer.pair_features(*_images(2, seed=10), "car(G)")
     assert src.shape == (160, 8, 8)
     with pytest.raises(ValueError, match="2 pca_dims for 3 blocks"):
-        B.SDDinoFeaturizer(tiny["sd"], B.text_conditioning(prompt), pca_dims=(8, 8))
+        B.SDDinoSettings(pca_dims=(8, 8))
     with pytest.raises(ValueError, match=r"timestep must be in \[0, 1000\)"):
-        B.SDDinoFeaturizer(tiny["sd"], B.text_conditioning(prompt), timestep=1000)
+        B.SDDinoFeaturizer(tiny["sd"], B.text_conditioning(prompt), settings=B.SDDinoSettings(timestep=1000))
 
 
 def test_pad_preprocessing_feeds_every_network_sd_dinos_padded_squares(tiny):
@@ -573,8 +572,8 @@ def test_pad_preprocessing_feeds_every_network_sd_dinos_padded_squares(tiny):
         seen.append([image.size for image in batch])
         return captioner(batch, categories)
 
-    padded = B.SDDinoFeaturizer(tiny["sd"], spy, tiny["dinov2"], sd_image_size=SD_SIZE,
-                                dino_image_size=DINO_SIZE, seed=3, preprocess="pad")  # fmt: skip
+    settings = B.SDDinoSettings(sd_image_size=SD_SIZE, dino_image_size=DINO_SIZE, seed=3, preprocess="pad")
+    padded = B.SDDinoFeaturizer(tiny["sd"], spy, tiny["dinov2"], settings)
     parts = padded.image_parts(images, ["cat", "cat"])
     assert seen == [[(SD_SIZE, SD_SIZE)] * 2]  # the captioner got the padded squares
     sd_squares = [pad_image(image, SD_SIZE) for image in images]

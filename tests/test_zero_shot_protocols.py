@@ -156,7 +156,7 @@ def test_sd_dino_padded_protocol_scores_in_the_padded_square(world, tmp_path):
     from sd4match.zero_shot import _sd_dino_featurizer
 
     featurizer = _sd_dino_featurizer(method, records, captioner, FEATURES, 0, "cpu")
-    assert (featurizer.seed, featurizer.preprocess) == (42, "pad")
+    assert (featurizer.settings.seed, featurizer.settings.preprocess) == (42, "pad")
     reference = B.evaluate_sd_dino(world["pairs"], featurizer, MatchingSettings(64, ("nn",), tuple(ALPHAS)),
                                    world["root"], scorer=PaddedFrameScorer(112, tuple(ALPHAS)))  # fmt: skip
     assert per_pair["n_correct"].tolist() == reference["n_correct"].tolist()
