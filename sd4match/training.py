@@ -54,6 +54,7 @@ from sd4match.prompt_learning import LearnedPrompt, build_prompt_module, save_pr
 from sd4match.training_data import (
     SEED_MODULUS,
     PairSampler,
+    TrainingData,
     TrainPair,
     collate_pairs,
     dataset_name,
@@ -232,6 +233,29 @@ def count_skipped_step(progress: Progress, step: int, loss_scale: float) -> None
         )
 
 
+def trained_prompt_metadata(
+    job: TrainJob, settings: TrainSettings, data: TrainingData, progress: Progress, train_hash: str
+) -> dict[str, Any]:
+    """Sidecar metadata of a trained prompt: the job's metadata plus what the run selected (step, validation
+    PCK), how it batched and the models it used (evaluation checks them)."""
+    return {
+        **job.metadata,
+        "variant": settings.variant,
+        "training_set": dataset_name(data.trn),
+        "step": progress.best_step,
+        "val_pck": progress.best_val_pck,
+        "val_pairs": len(data.val),
+        "val_timestep": settings.val_timestep,
+        "effective_batch": settings.effective_batch,  # pairs one step's gradient averaged
+        "batch_semantics": settings.batch_semantics,
+        "steps_done": progress.step,
+        "skipped_steps": len(progress.skipped_steps),
+        "train_hash": train_hash,
+        "sd_model": record_summary(data.sd_record),
+        "dinov2_model": None if data.dino_record is None else record_summary(data.dino_record),
+    }
+
+
 class PromptTrainer:
     """One prompt-tuning run: the optimisation loop over a learned prompt with frozen SD, delegating its
     inputs (``TrainingData``), features (``PairFeatures``), validation (``Validator``) and checkpoint state
@@ -394,32 +418,15 @@ class PromptTrainer:
         """Write the loss curve CSV atomically."""
         write_table_atomic(self.progress.curve(), self.job.curve)
 
-    def prompt_metadata(self) -> dict[str, Any]:
-        """Sidecar metadata of the saved prompt: the job's metadata plus what the run selected and used."""
-        p, data = self.progress, self.data
-        return {
-            **self.job.metadata,
-            "variant": self.settings.variant,
-            "training_set": dataset_name(data.trn),
-            "step": p.best_step,
-            "val_pck": p.best_val_pck,
-            "val_pairs": len(data.val),
-            "val_timestep": self.settings.val_timestep,
-            "effective_batch": self.settings.effective_batch,  # pairs one step's gradient averaged
-            "batch_semantics": self.settings.batch_semantics,
-            "steps_done": p.step,
-            "skipped_steps": len(p.skipped_steps),
-            "train_hash": self.train_hash(),
-            "sd_model": record_summary(data.sd_record),
-            "dinov2_model": None if data.dino_record is None else record_summary(data.dino_record),
-        }
-
     def save_best(self) -> None:
         """Save the best prompt with ``save_prompt`` to the job's output (main process)."""
         if self.accelerator.is_main_process:
             best = self.new_prompt_module()
             best.load_state_dict(self.progress.best_state)
-            save_prompt(best, self.job.output, self.prompt_metadata())
+            meta = trained_prompt_metadata(
+                self.job, self.settings, self.data, self.progress, self.train_hash()
+            )
+            save_prompt(best, self.job.output, meta)
         self.accelerator.wait_for_everyone()
 
     # -- loop
