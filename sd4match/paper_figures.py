@@ -45,7 +45,8 @@ from sd4match.generation import (
 from sd4match.io import write_json_atomic
 from sd4match.models import load_stable_diffusion, read_model_record
 from sd4match.prompt_learning import load_prompt
-from sd4match.reporting import Provenance, write_table
+from sd4match.reporting import Provenance
+from sd4match.table_writing import write_table
 
 
 def provenance_path(png: str | Path) -> Path:
@@ -79,7 +80,7 @@ class TableFigureFiles:
         )
 
     def write_table(self, table: pd.DataFrame, title: str, prov: Provenance, notes: Sequence[str]) -> None:
-        """The table in every form this figure writes (``reporting.write_table``)."""
+        """The table in every form this figure writes (``table_writing.write_table``)."""
         write_table(table, self.csv, self.md, title, prov, self.html, self.caption, notes)
 
 

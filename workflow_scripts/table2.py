@@ -4,7 +4,8 @@ seed spreads and the authors' released prompts, and its companion table of paire
 from sd4match.logs import log_to
 from sd4match.provenance import build_provenance
 from sd4match.released_tables import released_for_tables
-from sd4match.reporting import TableSources, table2_from_files, write_table
+from sd4match.reporting import TableSources, table2_from_files
+from sd4match.table_writing import write_table
 from sd4match.uncertainty import BootstrapSettings
 from sd4match.uncertainty_tables import PAIRED_NOTE, paired_table, table2_comparisons, table_notes
 

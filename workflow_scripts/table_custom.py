@@ -4,7 +4,8 @@ each PCK with its bootstrap interval over the dataset's pairs."""
 from sd4match.annotation_checks import pairs_note
 from sd4match.logs import log_to
 from sd4match.provenance import build_provenance
-from sd4match.reporting import custom_entries_from_files, custom_table, custom_title, write_table
+from sd4match.reporting import custom_entries_from_files, custom_table, custom_title
+from sd4match.table_writing import write_table
 from sd4match.uncertainty import BootstrapSettings, method_note
 
 with log_to(snakemake.log[0]):  # noqa: F821

@@ -3,8 +3,9 @@ intervals)."""
 
 from sd4match.logs import log_to
 from sd4match.provenance import build_provenance
-from sd4match.reporting import write_table, zero_shot_dift_table
+from sd4match.reporting import zero_shot_dift_table
 from sd4match.table_cells import read_evaluation
+from sd4match.table_writing import write_table
 from sd4match.uncertainty import BootstrapSettings
 from sd4match.uncertainty_tables import table_notes
 
