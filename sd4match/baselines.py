@@ -773,16 +773,16 @@ class SDDinoSettings:
         object.__setattr__(self, "pca_dims", tuple(self.pca_dims))
         if self.preprocess not in SD_DINO_PREPROCESS:
             raise ValueError(
-                f"SDDinoFeaturizer: preprocess must be one of {SD_DINO_PREPROCESS}, got {self.preprocess!r}"
+                f"SDDinoSettings: preprocess must be one of {SD_DINO_PREPROCESS}, got {self.preprocess!r}"
             )
         if len(self.pca_dims) != len(self.block_indices):
             raise ValueError(
-                f"SDDinoFeaturizer: {len(self.pca_dims)} pca_dims for {len(self.block_indices)} blocks "
+                f"SDDinoSettings: {len(self.pca_dims)} pca_dims for {len(self.block_indices)} blocks "
                 f"{self.block_indices}"
             )
         if self.ensemble < 1 or self.max_batch < 1 or min(self.pca_dims) < 1:
             raise ValueError(
-                f"SDDinoFeaturizer: ensemble, max_batch and pca_dims must be >= 1, got "
+                f"SDDinoSettings: ensemble, max_batch and pca_dims must be >= 1, got "
                 f"{self.ensemble}, {self.max_batch}, {self.pca_dims}"
             )
 

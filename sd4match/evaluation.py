@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +62,24 @@ class MatchingSettings:
     def __post_init__(self) -> None:
         if self.pair_batch < 1:
             raise ValueError(f"MatchingSettings.pair_batch must be >= 1, got {self.pair_batch}")
+
+    @classmethod
+    def from_config(
+        cls,
+        matching: Mapping[str, Any],
+        image_size: int,
+        alphas: Sequence[float],
+        methods: Sequence[str] | None = None,
+    ) -> MatchingSettings:
+        """From the config's ``matching`` block (``kernel_sigma``, ``softmax_temperature`` and, unless
+        ``methods`` is given, its ``methods``) at S = ``image_size`` and the PCK ``alphas``."""
+        return cls(
+            image_size=image_size,
+            methods=tuple(matching["methods"] if methods is None else methods),
+            alphas=tuple(alphas),
+            kernel_sigma=matching["kernel_sigma"],
+            temperature=matching["softmax_temperature"],
+        )
 
 
 def _pair_keys(row: Any) -> tuple[ImageKey, ImageKey]:

@@ -67,13 +67,7 @@ class JobSettings:
 
     def matching_settings(self) -> MatchingSettings:
         """MatchingSettings of the ``matching`` block, the alphas and S."""
-        return MatchingSettings(
-            image_size=self.image_size,
-            methods=tuple(self.matching["methods"]),
-            alphas=tuple(self.alphas),
-            kernel_sigma=self.matching["kernel_sigma"],
-            temperature=self.matching["softmax_temperature"],
-        )
+        return MatchingSettings.from_config(self.matching, self.image_size, self.alphas)
 
 
 @dataclass(frozen=True)

@@ -260,13 +260,8 @@ def load_setup(**fields: Any) -> MatchSetup:
         raise MatchInputError(f"argument --timestep: must be in [0, {n_steps}), got {timestep}")
     matching = config["matching"]
     method = request.method or matching["reported"]
-    settings = MatchingSettings(
-        image_size=image_size,
-        methods=tuple(dict.fromkeys([*matching["methods"], method])),
-        alphas=(0.1,),
-        kernel_sigma=matching["kernel_sigma"],
-        temperature=matching["softmax_temperature"],
-    )
+    methods = dict.fromkeys([*matching["methods"], method])
+    settings = MatchingSettings.from_config(matching, image_size, (0.1,), methods=tuple(methods))
     setup = MatchSetup(
         request=request,
         config=config,

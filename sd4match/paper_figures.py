@@ -255,9 +255,7 @@ def make_qualitative(
     featurizer = SDFeaturizer(components, device=device)
     evaluation, matching, image_size = settings.evaluation, settings.matching, settings.image_size
     method = matching["reported"]
-    matching_settings = MatchingSettings(
-        image_size, (method,), (0.1,), matching["kernel_sigma"], matching["softmax_temperature"]
-    )
+    matching_settings = MatchingSettings.from_config(matching, image_size, (0.1,), methods=(method,))
     source = ConditionalFeatures(
         module.to(device).eval(),
         featurizer,

@@ -48,33 +48,35 @@ def method_protocol(method: dict[str, Any]) -> str:
     return protocol
 
 
-def _sd_features(method, records, root, image_size, features, seed, device, pairs, latent_cache):
-    """DIFT's features: normalised maps of the S x S image (latents from the test split's cache,
-    ``latent_cache`` = (cache path or None, pairs table path)), or (protocol ``original``) DIFT's raw maps of
-    its own resize."""
+def _sd_features(method, records, root, pairs, split: SplitInputs, settings: JobSettings):
+    """DIFT's features: normalised maps of the S x S image (latents from the split's latent cache when it has
+    one), or (protocol ``original``) DIFT's raw maps of its own resize."""
     from sd4match.evaluation import open_test_latents
     from sd4match.features import load_sd_featurizer
     from sd4match.peer_protocols import dift_feature_fn
 
-    featurizer = load_sd_featurizer(read_model_record(records["model"]).local_path, features, device)
+    image_size, seed = settings.image_size, settings.seed
+    local_path = read_model_record(records["model"]).local_path
+    featurizer = load_sd_featurizer(local_path, settings.features, settings.device)
     prompt = TextPrompt(method["prompt"], featurizer.text_encoder, featurizer.tokenizer)
     if method_protocol(method) == "original":  # DIFT's own resize and a VAE sample per ensemble copy
         return dift_feature_fn(
             featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed
         )
     latents = open_test_latents(
-        latent_cache[0], records["model"], image_size, featurizer, pairs, latent_cache[1]
+        split.latent_cache, records["model"], image_size, featurizer, pairs, split.pairs
     )
     return sd_text_prompt_features(
         featurizer, prompt, root, image_size, method["timestep"], method["ensemble"], seed, latents
     )
 
 
-def _vit_model(method, records, features, device):
+def _vit_model(method, records, settings: JobSettings):
     from sd4match.features import KernelSettings, enable_tf32
 
+    device = settings.device
     loader = {"dino": load_dino, "dinov2": load_dinov2}[method["family"]]
-    dtype = KernelSettings.from_config(features).weights_dtype(device)
+    dtype = KernelSettings.from_config(settings.features).weights_dtype(device)
     enable_tf32(device)
     model, _ = loader(read_model_record(records["model"]).local_path, device=device, dtype=dtype)
     return model
@@ -91,7 +93,7 @@ def _vit_scorer(model, method, alphas, predictions=None):
     return PaddedFrameScorer(size, tuple(alphas), grid, predictions)
 
 
-def _sd_dino_featurizer(method, records, captioner: Captioner | None, features, seed, device):
+def _sd_dino_featurizer(method, records, captioner: Captioner | None, settings: JobSettings):
     from sd4match.baselines import (
         SDDinoFeaturizer,
         SDDinoSettings,
@@ -101,6 +103,7 @@ def _sd_dino_featurizer(method, records, captioner: Captioner | None, features, 
         text_conditioning,
     )
 
+    device, features = settings.device, settings.features
     components = load_stable_diffusion(read_model_record(records["model"]).local_path, device=device)
     if method["prompt"] == "implicit":
         clip, processor = load_clip_vision(read_model_record(records["clip_model"]).local_path, device=device)
@@ -115,24 +118,23 @@ def _sd_dino_featurizer(method, records, captioner: Captioner | None, features, 
     if method.get("dino_model"):
         dino, _ = load_dinov2(read_model_record(records["dino_model"]).local_path, device=device)
     noise_seed = method.get("noise_seed")
-    settings = SDDinoSettings(
+    sd_dino = SDDinoSettings(
         sd_image_size=method["image_size"],
         timestep=method["timestep"],
         ensemble=method["ensemble"],
         dino_image_size=method["dino_image_size"],
-        seed=seed if noise_seed is None else noise_seed,
+        seed=settings.seed if noise_seed is None else noise_seed,
         max_batch=features["max_unet_batch"],
         preprocess="pad" if method_protocol(method) == "padded" else "squash",
     )
-    featurizer = SDDinoFeaturizer(
+    return SDDinoFeaturizer(
         components,
         conditioning,
         dino,
-        settings,
+        sd_dino,
         device=device,
         autocast_dtype=AUTOCAST[features["precision"]] if device.startswith("cuda") else None,
     )
-    return featurizer
 
 
 @dataclass(frozen=True)
@@ -162,29 +164,25 @@ def run_zero_shot(
 
     pairs = limit_pairs(read_pairs_table(split.pairs), settings.max_pairs)
     root = read_location(split.location).root
-    image_size, features, seed = settings.image_size, settings.features, settings.seed
-    device = settings.device
-    alphas, pairs_path, latent_cache_path = settings.alphas, split.pairs, split.latent_cache
+    device, alphas = settings.device, tuple(settings.alphas)
     matching = settings.matching_settings()
-    predictions = outputs.prediction_log(image_size)
+    predictions = outputs.prediction_log(settings.image_size)
     protocol = method_protocol(method)
     if protocol != "squashed":
         log.info("protocol %s matches by %s only (the config's matching methods do not apply)", protocol,
                  PEER_METHODS)  # fmt: skip
-    log.info("zero-shot %s on %s: %d pairs", method, pairs_path, len(pairs))
+    log.info("zero-shot %s on %s: %d pairs", method, split.pairs, len(pairs))
     if method["kind"] == "sd":
-        feature_fn = _sd_features(
-            method, records, root, image_size, features, seed, device, pairs, (latent_cache_path, pairs_path)
-        )
+        feature_fn = _sd_features(method, records, root, pairs, split, settings)
         if protocol == "original":
-            scorer = OriginalFrameScorer(tuple(alphas), predictions)
+            scorer = OriginalFrameScorer(alphas, predictions)
             per_pair = evaluate_with_scorer(pairs, feature_fn, scorer, device)
         else:
             per_pair = evaluate_pairs(pairs, feature_fn, matching, device=device, predictions=predictions)
     elif method["kind"] == "vit":
         from sd4match.baselines import VitFacet, vit_feature_fn
 
-        model = _vit_model(method, records, features, device)
+        model = _vit_model(method, records, settings)
         padded = protocol == "padded"
         feature_fn = vit_feature_fn(
             model, root, method["image_size"], device=device, facet=VitFacet.from_method(method), pad=padded
@@ -199,10 +197,10 @@ def run_zero_shot(
 
         if method["prompt"] == "implicit" and captioner is None:
             raise ValueError("zero-shot SD+DINO with the implicit captioner needs its weights (captioner)")
-        featurizer = _sd_dino_featurizer(method, records, captioner, features, seed, device)
+        featurizer = _sd_dino_featurizer(method, records, captioner, settings)
         scorer = None
         if protocol == "padded":  # keypoints in DINO's padded square, as sd-dino
-            scorer = PaddedFrameScorer(method["dino_image_size"], tuple(alphas), predictions=predictions)
+            scorer = PaddedFrameScorer(method["dino_image_size"], alphas, predictions=predictions)
         # the networks run once per distinct image; the co-PCA and the scoring per pair
         per_pair = evaluate_sd_dino(pairs, featurizer, matching, root, scorer=scorer, predictions=predictions)
     else:

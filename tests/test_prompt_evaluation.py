@@ -285,3 +285,12 @@ def test_figures_check_the_prompt_and_cache_against_the_records(world, tmp_path)
     assert (
         written == ["q.pdf", "qualitative.png"] and (tmp_path / "qualitative.png.provenance.json").is_file()
     )
+
+
+def test_matching_settings_from_the_config_block():
+    block = {"methods": ["nn", "kernel_softmax"], "kernel_sigma": 5.0, "softmax_temperature": 0.02}
+    assert MatchingSettings.from_config(block, 64, [0.05, 0.1]) == MatchingSettings(
+        64, ("nn", "kernel_softmax"), (0.05, 0.1), kernel_sigma=5.0, temperature=0.02
+    )
+    only = MatchingSettings.from_config(block, 768, (0.1,), methods=["soft_argmax"])
+    assert (only.methods, only.alphas, only.image_size) == (("soft_argmax",), (0.1,), 768)

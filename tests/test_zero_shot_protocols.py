@@ -155,7 +155,9 @@ def test_sd_dino_padded_protocol_scores_in_the_padded_square(world, tmp_path):
     # the same features (padded inputs, noise seeded 42, not the run's seed 0) through sd-dino's scorer
     from sd4match.zero_shot import _sd_dino_featurizer
 
-    featurizer = _sd_dino_featurizer(method, records, captioner, FEATURES, 0, "cpu")
+    featurizer = _sd_dino_featurizer(
+        method, records, captioner, JobSettings(FEATURES, MATCHING, ALPHAS, None, 64, 0)
+    )
     assert (featurizer.settings.seed, featurizer.settings.preprocess) == (42, "pad")
     reference = B.evaluate_sd_dino(world["pairs"], featurizer, MatchingSettings(64, ("nn",), tuple(ALPHAS)),
                                    world["root"], scorer=PaddedFrameScorer(112, tuple(ALPHAS)))  # fmt: skip
